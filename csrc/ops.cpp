@@ -1,0 +1,120 @@
+// ops.cpp — the rnnlm_ext operator schema, its CPU kernels' registration, and the _C module.
+//
+// The schema is declared here once. CUDA kernels register against the same names from the
+// CUDA glue (built only when the extension is a CUDAExtension). Python sees the ops as
+// torch.ops.rnnlm_ext.*; rnnlm_ext/ops.py adds autograd and the fake (meta) kernels.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "rnn.h"
+#include "rnn_args.h"
+
+namespace rnnlm_ext {
+namespace {
+
+// x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None  ->  out [T,B,H]
+at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                              c10::string_view nonlinearity, bool reverse) {
+  const Activation act = parse_activation(nonlinearity);
+  const Dims d = check_forward_args(x, h0, w_ih, w_hh, bias);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
+  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] {
+    rnn_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
+                              h0_c.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
+                              w_hh_c.const_data_ptr<scalar_t>(),
+                              bias ? b_c.const_data_ptr<scalar_t>() : nullptr, d.T, d.B, d.I, d.H,
+                              act, reverse);
+  });
+  return out;
+}
+
+// dout [T,B,H] and the forward's inputs and output -> (dx, dh0, dw_ih, dw_hh, db).
+// output_mask says which to compute; the others come back as empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu_op(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
+    std::array<bool, 5> output_mask) {
+  const Activation act = parse_activation(nonlinearity);
+  const Dims d = check_backward_args(dout, x, h0, w_ih, w_hh, out);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
+  auto maybe = [&](bool wanted, at::IntArrayRef shape) {
+    return at::empty(wanted ? shape : at::IntArrayRef{0}, x.options());
+  };
+  at::Tensor dx = maybe(output_mask[0], {d.T, d.B, d.I});
+  at::Tensor dh0 = maybe(output_mask[1], {d.B, d.H});
+  at::Tensor dw_ih = maybe(output_mask[2], {d.H, d.I});
+  at::Tensor dw_hh = maybe(output_mask[3], {d.H, d.H});
+  at::Tensor db = maybe(output_mask[4], {d.H});
+  at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
+    auto ptr = [&](at::Tensor& t, bool wanted) { return wanted ? t.data_ptr<scalar_t>() : nullptr; };
+    rnn_backward_cpu<scalar_t>(
+        ptr(dx, output_mask[0]), ptr(dh0, output_mask[1]), ptr(dw_ih, output_mask[2]),
+        ptr(dw_hh, output_mask[3]), ptr(db, output_mask[4]), dz.data_ptr<scalar_t>(),
+        dout_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
+        h0_c.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
+        w_hh_c.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(), d.T, d.B, d.I, d.H,
+        act, reverse);
+  });
+  return {dx, dh0, dw_ih, dw_hh, db};
+}
+
+py::dict build_info() {
+  py::dict info;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["flags"] = RNNLM_EXT_BUILD_FLAGS;
+  info["torch_version"] = TORCH_VERSION;
+  info["cpu_gemm"] = cpu_gemm_backend();
+  info["cpu_activation"] = cpu_activation_backend();
+  info["cpu_capability"] = at::get_cpu_capability();
+  info["num_threads"] = at::get_num_threads();
+#ifdef RNNLM_EXT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnlm_ext, m) {
+  m.def(
+      "rnn_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias, str nonlinearity, "
+      "bool reverse) -> Tensor");
+  m.def(
+      "rnn_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
+      "str nonlinearity, bool reverse, bool[5] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rnnlm_ext, CPU, m) {
+  m.impl("rnn_forward", &rnn_forward_cpu_op);
+  m.impl("rnn_backward", &rnn_backward_cpu_op);
+}
+
+}  // namespace rnnlm_ext
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnnlm_ext's compiled kernels; importing this module registers torch.ops.rnnlm_ext.*";
+  m.def("build_info", &rnnlm_ext::build_info,
+        "How this extension was built: compiler, flags, torch version, CPU GEMM and activation "
+        "paths, CPU capability, whether CUDA kernels were compiled in.");
+}

@@ -1,0 +1,74 @@
+// rnn_args.h — argument checks of the rnnlm_ext ops, shared by the CPU registration (ops.cpp)
+// and the CUDA one. Each failure names the argument and what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "rnn.h"
+
+namespace rnnlm_ext {
+
+struct Dims {
+  int64_t T, B, I, H;
+};
+
+inline Activation parse_activation(c10::string_view nonlinearity) {
+  if (nonlinearity == "tanh") return Activation::Tanh;
+  if (nonlinearity == "relu") return Activation::Relu;
+  TORCH_CHECK(false, "rnnlm_ext: nonlinearity must be 'tanh' or 'relu', got '",
+              std::string(nonlinearity), "'");
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "rnnlm_ext: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK(t.device() == x.device(), "rnnlm_ext: ", name, " is on ", t.device(),
+              " but x is on ", x.device(), "; all tensors must be on one device");
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "rnnlm_ext: ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+// x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None.
+inline Dims check_forward_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 3, "rnnlm_ext: x must be 3-D [T,B,I], got ", x.dim(), "-D shape ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "rnnlm_ext: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2, "rnnlm_ext: w_hh must be 2-D [H,H], got shape ", w_hh.sizes());
+  const Dims d{x.size(0), x.size(1), x.size(2), w_hh.size(0)};
+  TORCH_CHECK(d.T >= 1 && d.B >= 1 && d.I >= 1 && d.H >= 1,
+              "rnnlm_ext: T, B, I and H must all be >= 1, got x ", x.sizes(), " and w_hh ",
+              w_hh.sizes());
+  check_shape(w_hh, "w_hh", {d.H, d.H});
+  check_shape(w_ih, "w_ih", {d.H, d.I});
+  check_shape(h0, "h0", {d.B, d.H});
+  check_like(h0, "h0", x);
+  check_like(w_ih, "w_ih", x);
+  check_like(w_hh, "w_hh", x);
+  if (bias) {
+    check_shape(*bias, "bias", {d.H});
+    check_like(*bias, "bias", x);
+  }
+  return d;
+}
+
+// The backward op also takes dout [T,B,H] and out [T,B,H].
+inline Dims check_backward_args(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0,
+                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const at::Tensor& out) {
+  const Dims d = check_forward_args(x, h0, w_ih, w_hh, std::nullopt);
+  check_shape(dout, "dout", {d.T, d.B, d.H});
+  check_shape(out, "out", {d.T, d.B, d.H});
+  check_like(dout, "dout", x);
+  check_like(out, "out", x);
+  return d;
+}
+
+}  // namespace rnnlm_ext

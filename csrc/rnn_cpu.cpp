@@ -1,0 +1,333 @@
+// rnn_cpu.cpp — whole-sequence forward and backward of one Elman RNN layer on the CPU.
+// Dimensions and layouts: rnn.h. Order: helpers (GEMM, pointwise passes), forward, backward.
+//
+// Where the time goes: the input projection and the four weight/input gradients are large
+// GEMMs over all T·B rows; only the per-step GEMM h_{t-1}·w_hhᵀ is sequential. At small sizes
+// that per-step GEMM costs a few microseconds, so everything around it must cost less: no
+// allocation, no dispatcher, no autograd node inside the time loop. The GEMMs therefore call
+// the BLAS that libtorch exports (MKL's sgemm_/dgemm_) directly, and the bias + activation
+// runs as one vectorised pass over the B×H block of the step.
+#include "rnn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RNNLM_EXT_X86 1
+#include <immintrin.h>
+#endif
+
+// Fortran BLAS exported by libtorch_cpu when torch is built with MKL (the x86 wheels) or
+// OpenBLAS. Weak: on a torch build without them these resolve to nullptr and the ATen path runs.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+#ifdef RNNLM_EXT_X86
+// SLEEF's vector tanh (max error 1.0 ulp), the one ATen's own vectorised tanh uses; exported by
+// libtorch_cpu on x86. Weak, as above: absent, the scalar std::tanh path runs.
+extern "C" {
+__attribute__((weak, target("avx2,fma"))) __m256 Sleef_tanhf8_u10avx2(__m256);
+__attribute__((weak, target("avx2,fma"))) __m256d Sleef_tanhd4_u10avx2(__m256d);
+__attribute__((weak, target("avx512f"))) __m512 Sleef_tanhf16_u10avx512f(__m512);
+__attribute__((weak, target("avx512f"))) __m512d Sleef_tanhd8_u10avx512f(__m512d);
+}
+#endif
+
+namespace rnnlm_ext {
+namespace {
+
+// ----------------------------------------------------------------------------------------
+// GEMM
+
+void fortran_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                  const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void fortran_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                  const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+template <typename scalar_t>
+bool have_blas() {
+  return std::is_same<scalar_t, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+// Row-major C[M,N] = op(A)[M,K] · op(B)[K,N] + beta·C, where op transposes when asked.
+// lda/ldb/ldc are the row strides of A, B, C as stored. beta is 0 (C is written, whatever it
+// held, NaN included) or 1 (C is accumulated into).
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
+          int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const bool fits_int = std::max({M, N, K, lda, ldb, ldc}) <= INT_MAX;
+  if (have_blas<scalar_t>() && fits_int) {
+    // A row-major matrix is its transpose in column-major, so C = op(A)·op(B) is computed as
+    // the column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands, keep the transpose flags.
+    fortran_gemm(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', int(N), int(M), int(K), scalar_t(1), B,
+                 int(ldb), A, int(lda), beta, C, int(ldc));
+    return;
+  }
+  // Portable path (a torch built without a Fortran BLAS): ATen's addmm on views of the buffers.
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<scalar_t*>(p), {trans ? cols : rows, trans ? rows : cols},
+                                 {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  c.addmm_(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, scalar_t(1));
+}
+
+// ----------------------------------------------------------------------------------------
+// Pointwise passes over one step's [rows,H] block. The block is split across threads only
+// when it is large enough to pay for waking them.
+
+constexpr int64_t kParallelGrain = 1 << 15;  // elements per thread before splitting pays
+
+template <typename F>
+void for_rows(int64_t rows, int64_t H, const F& f) {
+  if (rows * H < 2 * kParallelGrain) {
+    f(0, rows);
+    return;
+  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, kParallelGrain / H), f);
+}
+
+enum class Isa { Scalar, Avx2, Avx512 };
+
+Isa detect_isa() {
+#ifdef RNNLM_EXT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && Sleef_tanhf16_u10avx512f && Sleef_tanhd8_u10avx512f)
+    return Isa::Avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && Sleef_tanhf8_u10avx2 &&
+      Sleef_tanhd4_u10avx2)
+    return Isa::Avx2;
+#endif
+  return Isa::Scalar;
+}
+
+const Isa kIsa = detect_isa();
+
+// h[r,:] = tanh(h[r,:] + b) for one row of n elements, with the ISA's SLEEF tanh. The tail
+// goes through the same vector function (via a padded copy) so that every element's value is
+// the same whatever its position in the row.
+#ifdef RNNLM_EXT_X86
+template <typename scalar_t>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  __attribute__((target("avx2,fma"))) static void tanh_avx2(float* h, const float* b, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      __m256 v = _mm256_loadu_ps(h + j);
+      if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + j));
+      _mm256_storeu_ps(h + j, Sleef_tanhf8_u10avx2(v));
+    }
+    if (j < n) {
+      alignas(32) float tmp[8] = {};
+      for (int64_t k = j; k < n; ++k) tmp[k - j] = b ? h[k] + b[k] : h[k];
+      _mm256_store_ps(tmp, Sleef_tanhf8_u10avx2(_mm256_load_ps(tmp)));
+      for (int64_t k = j; k < n; ++k) h[k] = tmp[k - j];
+    }
+  }
+  __attribute__((target("avx512f"))) static void tanh_avx512(float* h, const float* b, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m512 v = _mm512_loadu_ps(h + j);
+      if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + j));
+      _mm512_storeu_ps(h + j, Sleef_tanhf16_u10avx512f(v));
+    }
+    if (j < n) {
+      const __mmask16 m = __mmask16((1u << (n - j)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(m, h + j);
+      if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + j));
+      _mm512_mask_storeu_ps(h + j, m, Sleef_tanhf16_u10avx512f(v));
+    }
+  }
+};
+
+template <>
+struct Simd<double> {
+  __attribute__((target("avx2,fma"))) static void tanh_avx2(double* h, const double* b, int64_t n) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      __m256d v = _mm256_loadu_pd(h + j);
+      if (b) v = _mm256_add_pd(v, _mm256_loadu_pd(b + j));
+      _mm256_storeu_pd(h + j, Sleef_tanhd4_u10avx2(v));
+    }
+    if (j < n) {
+      alignas(32) double tmp[4] = {};
+      for (int64_t k = j; k < n; ++k) tmp[k - j] = b ? h[k] + b[k] : h[k];
+      _mm256_store_pd(tmp, Sleef_tanhd4_u10avx2(_mm256_load_pd(tmp)));
+      for (int64_t k = j; k < n; ++k) h[k] = tmp[k - j];
+    }
+  }
+  __attribute__((target("avx512f"))) static void tanh_avx512(double* h, const double* b, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      __m512d v = _mm512_loadu_pd(h + j);
+      if (b) v = _mm512_add_pd(v, _mm512_loadu_pd(b + j));
+      _mm512_storeu_pd(h + j, Sleef_tanhd8_u10avx512f(v));
+    }
+    if (j < n) {
+      const __mmask8 m = __mmask8((1u << (n - j)) - 1);
+      __m512d v = _mm512_maskz_loadu_pd(m, h + j);
+      if (b) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(m, b + j));
+      _mm512_mask_storeu_pd(h + j, m, Sleef_tanhd8_u10avx512f(v));
+    }
+  }
+};
+#endif
+
+template <typename scalar_t>
+void tanh_row(scalar_t* h, const scalar_t* b, int64_t n) {
+#ifdef RNNLM_EXT_X86
+  if (kIsa == Isa::Avx512) return Simd<scalar_t>::tanh_avx512(h, b, n);
+  if (kIsa == Isa::Avx2) return Simd<scalar_t>::tanh_avx2(h, b, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) h[j] = std::tanh(b ? h[j] + b[j] : h[j]);
+}
+
+// In the forward pass: h = act(h + b) over a [rows,H] block, in place (h holds the
+// pre-activation P_t + h_{t-1}·w_hhᵀ on entry). b may be nullptr.
+template <typename scalar_t>
+void bias_act_forward(scalar_t* h, const scalar_t* b, int64_t rows, int64_t H, Activation act) {
+  for_rows(rows, H, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* hr = h + r * H;
+      if (act == Activation::Tanh) {
+        tanh_row(hr, b, H);
+      } else if (b) {
+        for (int64_t j = 0; j < H; ++j) hr[j] = std::max(hr[j] + b[j], scalar_t(0));
+      } else {
+        for (int64_t j = 0; j < H; ++j) hr[j] = std::max(hr[j], scalar_t(0));
+      }
+    }
+  });
+}
+
+// In the forward pass this was h = act(z), so now dz = (carry + dout) ⊙ act'(h), with act'
+// taken from the saved output h: tanh' = 1 − h², relu' = [h > 0]. dz holds the carried
+// gradient dz_{t+1}·w_hh on entry when `carry` is true, and is overwritten.
+template <typename scalar_t>
+void act_backward(scalar_t* dz, const scalar_t* dout, const scalar_t* h, bool carry, int64_t rows,
+                  int64_t H, Activation act) {
+  for_rows(rows, H, [&](int64_t r0, int64_t r1) {
+    const int64_t begin = r0 * H, end = r1 * H;
+    if (act == Activation::Tanh) {
+      for (int64_t k = begin; k < end; ++k)
+        dz[k] = ((carry ? dz[k] : scalar_t(0)) + dout[k]) * (scalar_t(1) - h[k] * h[k]);
+    } else {
+      for (int64_t k = begin; k < end; ++k)
+        dz[k] = h[k] > scalar_t(0) ? (carry ? dz[k] : scalar_t(0)) + dout[k] : scalar_t(0);
+    }
+  });
+}
+
+}  // namespace
+
+const char* cpu_gemm_backend() {
+  return (sgemm_ && dgemm_) ? "blas (sgemm_/dgemm_ exported by libtorch)" : "ATen addmm";
+}
+
+const char* cpu_activation_backend() {
+  switch (kIsa) {
+    case Isa::Avx512: return "avx512 (SLEEF tanh)";
+    case Isa::Avx2: return "avx2 (SLEEF tanh)";
+    default: return "scalar (std::tanh)";
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t>
+void rnn_forward_cpu(scalar_t* out, const scalar_t* x, const scalar_t* h0, const scalar_t* w_ih,
+                     const scalar_t* w_hh, const scalar_t* b, int64_t T, int64_t B, int64_t I,
+                     int64_t H, Activation act, bool reverse) {
+  const int64_t BH = B * H;
+  // P = x·w_ihᵀ for all T·B rows at once, written straight into out: [T·B,I]·[I,H] -> [T·B,H]
+  gemm<scalar_t>(false, true, T * B, H, I, x, I, w_ih, I, 0, out, H);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
+    scalar_t* h = out + t * BH;                                                     // [B,H]
+    gemm<scalar_t>(false, true, B, H, H, h_prev, H, w_hh, H, 1, h, H);  // h += h_prev·w_hhᵀ
+    bias_act_forward(h, b, B, H, act);
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward
+
+template <typename scalar_t>
+void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh, scalar_t* db,
+                      scalar_t* dz, const scalar_t* dout, const scalar_t* x, const scalar_t* h0,
+                      const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
+                      int64_t B, int64_t I, int64_t H, Activation act, bool reverse) {
+  const int64_t BH = B * H;
+  // Reverse of the forward's step order. The step after t in forward order is `next`; the
+  // step before it is `prev` (its h_{t-1}), which is h0 for the first step.
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so dz_t = dh_t ⊙ act'(h_t)
+    // with dh_t = dout_t + dz_{t+1}·w_hh (the carry, already in dz_t except at the last step)
+    act_backward(dz + t * BH, dout + t * BH, out + t * BH, s != T - 1, B, H, act);
+    if (s > 0) {
+      const int64_t prev = reverse ? t + 1 : t - 1;
+      // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh into the previous step's slot
+      gemm<scalar_t>(false, false, B, H, H, dz + t * BH, H, w_hh, H, 0, dz + prev * BH, H);
+    }
+  }
+  const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
+  if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
+
+  // The rest is batched over all T·B rows.
+  if (dw_ih) gemm<scalar_t>(true, false, H, I, T * B, dz, H, x, I, 0, dw_ih, I);  // dzᵀ·x
+  if (dw_hh) {
+    // Σ_t dz_tᵀ·h_{t-1}: the first step's h_{t-1} is h0, the other steps' are rows of out
+    // shifted by one step, contiguous, so two GEMMs and no copy.
+    gemm<scalar_t>(true, false, H, H, B, dz + first * BH, H, h0, H, 0, dw_hh, H);
+    if (T > 1) {
+      const scalar_t* dz_rest = reverse ? dz : dz + BH;     // steps that read out rows
+      const scalar_t* h_rest = reverse ? out + BH : out;    // the rows they read
+      gemm<scalar_t>(true, false, H, H, (T - 1) * B, dz_rest, H, h_rest, H, 1, dw_hh, H);
+    }
+  }
+  if (db) {
+    std::fill(db, db + H, scalar_t(0));
+    for (int64_t r = 0; r < T * B; ++r)
+      for (int64_t j = 0; j < H; ++j) db[j] += dz[r * H + j];
+  }
+  if (dx) gemm<scalar_t>(false, false, T * B, I, H, dz, H, w_ih, I, 0, dx, I);  // dz·w_ih
+}
+
+template void rnn_forward_cpu<float>(float*, const float*, const float*, const float*, const float*,
+                                     const float*, int64_t, int64_t, int64_t, int64_t, Activation,
+                                     bool);
+template void rnn_forward_cpu<double>(double*, const double*, const double*, const double*,
+                                      const double*, const double*, int64_t, int64_t, int64_t,
+                                      int64_t, Activation, bool);
+template void rnn_backward_cpu<float>(float*, float*, float*, float*, float*, float*, const float*,
+                                      const float*, const float*, const float*, const float*,
+                                      const float*, int64_t, int64_t, int64_t, int64_t, Activation,
+                                      bool);
+template void rnn_backward_cpu<double>(double*, double*, double*, double*, double*, double*,
+                                       const double*, const double*, const double*, const double*,
+                                       const double*, const double*, int64_t, int64_t, int64_t,
+                                       int64_t, Activation, bool);
+
+}  // namespace rnnlm_ext

@@ -1,0 +1,72 @@
+"""Typed wrappers of torch.ops.rnnlm_ext.*: fake kernels (for torch.compile) and autograd.
+
+The chain: rnnlm_ext.RNN -> rnn_layer() here -> torch.ops.rnnlm_ext.rnn_forward (a custom op
+with a fake kernel and a registered autograd formula) -> the compiled kernel in csrc/. The
+autograd formula calls rnn_backward, the hand-written backward: no autograd through steps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rnnlm_ext import _C  # noqa: F401  (importing it registers torch.ops.rnnlm_ext.*)
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def rnn_layer(
+    x: Tensor,  # [T,B,I]
+    h0: Tensor,  # [B,H]
+    w_ih: Tensor,  # [H,I]
+    w_hh: Tensor,  # [H,H]
+    bias: Optional[Tensor] = None,  # [H]: b_ih + b_hh
+    nonlinearity: str = "tanh",
+    reverse: bool = False,
+) -> Tensor:
+    """One RNN layer, one direction, whole sequence, fused: returns out [T,B,H].
+
+    out[t] = act(x[t]·w_ihᵀ + out[t-1]·w_hhᵀ + bias), out[-1] being h0; with reverse=True the
+    steps run from the last to the first (out[t+1] feeds out[t]). The final hidden state is
+    out[-1] (out[0] when reversed).
+    """
+    return torch.ops.rnnlm_ext.rnn_forward(x, h0, w_ih, w_hh, bias, nonlinearity, reverse)
+
+
+@torch.library.register_fake("rnnlm_ext::rnn_forward")
+def _rnn_forward_fake(x, h0, w_ih, w_hh, bias, nonlinearity, reverse):
+    torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
+    T, B, _ = x.shape
+    return x.new_empty((T, B, w_hh.shape[0]))
+
+
+@torch.library.register_fake("rnnlm_ext::rnn_backward")
+def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, output_mask):
+    shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (w_hh.shape[0],))
+    return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, bias, nonlinearity, reverse = inputs
+    # act' is a function of the output alone, so the output is all the backward keeps
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output)
+    ctx.nonlinearity = nonlinearity
+    ctx.reverse = reverse
+
+
+def _backward(ctx, dout):
+    x, h0, w_ih, w_hh, out = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:5])  # x, h0, w_ih, w_hh, bias
+    grads = torch.ops.rnnlm_ext.rnn_backward(
+        dout, x, h0, w_ih, w_hh, out, ctx.nonlinearity, ctx.reverse, mask
+    )
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+
+
+torch.library.register_autograd("rnnlm_ext::rnn_forward", _backward, setup_context=_setup_context)
+
+
+def build_info() -> dict:
+    """How the compiled extension was built (compiler, flags, CPU paths, CUDA or not)."""
+    return dict(_C.build_info())

@@ -1,0 +1,1 @@
+from rnnlm_ext.ops import rnn_layer as RNN
