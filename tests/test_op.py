@@ -1,0 +1,185 @@
+"""The fused op itself: parity with the reference, gradients, registration, threads, memory."""
+import gc
+import os
+import threading
+
+import pytest
+import torch
+
+from helpers import DEVICES, TOL, assert_rel_close
+from rnnlm_ext import ops, reference
+
+
+def make_inputs(T, B, I, H, dtype, device, bias=True, requires_grad=True, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g, dtype=dtype) * scale).to(device)
+        return t.requires_grad_(requires_grad)
+
+    # weights at nn.RNN's scale (±1/√H), so that states neither vanish nor saturate
+    s = 1.0 / H**0.5
+    return (rand(T, B, I), rand(B, H), rand(H, I, scale=s), rand(H, H, scale=s), rand(H, scale=s) if bias else None)
+
+
+def _test_correctness(device, dtype, T, B, I, H, nonlinearity, reverse, bias):
+    """Forward and every gradient of the op against the pure-PyTorch reference."""
+    inputs = make_inputs(T, B, I, H, dtype, device, bias=bias)
+    out = ops.rnn_layer(*inputs, nonlinearity, reverse)
+    expected = reference.rnn_layer(*inputs, nonlinearity, reverse)
+    tol = TOL[dtype]
+    assert_rel_close(out, expected, tol, "out")
+    dout = torch.randn_like(out)
+    leaves = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(out, leaves, dout)
+    expected_grads = torch.autograd.grad(expected, leaves, dout)
+    for name, g, e in zip(["dx", "dh0", "dw_ih", "dw_hh", "db"], grads, expected_grads):
+        assert_rel_close(g, e, tol, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(
+    "T,B,I,H,bias",
+    [(1, 1, 1, 1, True), (7, 3, 5, 3, True), (16, 4, 9, 33, False), (5, 1, 64, 17, True), (3, 65, 2, 70, True)],
+)
+def test_op_matches_reference(device, dtype, nonlinearity, reverse, T, B, I, H, bias):
+    _test_correctness(device, dtype, T, B, I, H, nonlinearity, reverse, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(device, nonlinearity, reverse, bias):
+    inputs = make_inputs(4, 2, 3, 5, torch.float64, device, bias=bias)
+    assert torch.autograd.gradcheck(lambda *a: ops.rnn_layer(*a, nonlinearity, reverse), inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(device, requires_grad):
+    for bias in (True, False):
+        for nonlinearity, reverse in (("tanh", False), ("relu", True)):
+            inputs = make_inputs(3, 2, 4, 5, torch.float64, device, bias=bias, requires_grad=requires_grad)
+            torch.library.opcheck(torch.ops.rnnlm_ext.rnn_forward.default, (*inputs, nonlinearity, reverse))
+    x, h0, w_ih, w_hh, b = make_inputs(3, 2, 4, 5, torch.float64, device, requires_grad=False)
+    out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
+    for mask in ([True] * 5, [False, True, False, True, True]):
+        torch.library.opcheck(
+            torch.ops.rnnlm_ext.rnn_backward.default, (torch.randn_like(out), x, h0, w_ih, w_hh, out, "tanh", False, mask)
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_honours_needs_input_grad(device, monkeypatch):
+    """No dx when x needs none (an embedding that is frozen): the backward op is told so."""
+    masks = []
+    real = torch.ops.rnnlm_ext.rnn_backward
+
+    def spy(*args):
+        masks.append(list(args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.rnnlm_ext, "rnn_backward", spy)
+    x, h0, w_ih, w_hh, b = make_inputs(5, 3, 4, 6, torch.float64, device)
+    x.requires_grad_(False)
+    h0.requires_grad_(False)
+    out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
+    grads = torch.autograd.grad(out.sum(), [w_ih, w_hh, b])
+    assert masks == [[False, False, True, True, True]]
+    expected = torch.autograd.grad(reference.rnn_layer(x, h0, w_ih, w_hh, b).sum(), [w_ih, w_hh, b])
+    for g, e in zip(grads, expected):
+        assert_rel_close(g, e, TOL[torch.float64])
+    # the masked-off gradients come back empty from the op itself
+    dx, dh0, *_ = real(torch.ones_like(out), x, h0, w_ih, w_hh, out.detach(), "tanh", False, masks[0])
+    assert dx.numel() == 0 and dh0.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_equals_eager(device):
+    x, h0, w_ih, w_hh, b = make_inputs(6, 3, 4, 5, torch.float32, device, seed=0)
+
+    def f(x, h0, w_ih, w_hh, b):
+        out = ops.rnn_layer(x, h0, w_ih, w_hh, b, "tanh", False)
+        return (out * out).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = (x, h0, w_ih, w_hh, b)
+    eager_loss, compiled_loss = f(*args), compiled(*args)
+    assert_rel_close(compiled_loss, eager_loss, 1e-6, "loss")
+    for g, e in zip(torch.autograd.grad(compiled_loss, args), torch.autograd.grad(eager_loss, args)):
+        assert_rel_close(g, e, 1e-6, "grad")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "x": a["x"][0]}, "x must be 3-D"),
+        (lambda a: {**a, "h0": a["h0"][:1]}, "h0 must have shape"),
+        (lambda a: {**a, "w_ih": a["w_ih"][:, :2]}, "w_ih must have shape"),
+        (lambda a: {**a, "w_hh": a["w_hh"][:, :2]}, "w_hh must have shape"),
+        (lambda a: {**a, "bias": a["bias"][:2]}, "bias must have shape"),
+        (lambda a: {**a, "w_hh": a["w_hh"].double()}, "w_hh has dtype"),
+        (lambda a: {**a, "x": a["x"][:0]}, "must all be >= 1"),
+        (lambda a: {**a, "nonlinearity": "gelu"}, "nonlinearity must be 'tanh' or 'relu'"),
+        (lambda a: {k: (v.half() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}, "float32 or float64"),
+    ],
+)
+def test_op_rejects_bad_arguments(change, message):
+    x, h0, w_ih, w_hh, b = make_inputs(3, 2, 4, 5, torch.float32, "cpu", requires_grad=False)
+    args = change(dict(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, bias=b, nonlinearity="tanh", reverse=False))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.rnnlm_ext.rnn_forward(*args.values())
+
+
+def test_concurrent_calls_from_two_threads():
+    inputs = make_inputs(20, 8, 16, 32, torch.float32, "cpu", seed=0)
+    out = ops.rnn_layer(*inputs)
+    expected_out = out.detach().clone()
+    expected_grads = torch.autograd.grad(out.sum(), inputs)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(200):
+                out = ops.rnn_layer(*inputs)
+                grads = torch.autograd.grad(out.sum(), inputs)
+                assert torch.equal(out, expected_out)
+                assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+        except Exception as err:  # reported in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def rss_bytes():
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read the resident set size")
+def test_memory_stays_flat_over_10000_calls():
+    inputs = make_inputs(8, 4, 8, 16, torch.float32, "cpu", seed=0)
+
+    def step():
+        out = ops.rnn_layer(*inputs)
+        torch.autograd.grad(out.sum(), inputs)
+
+    for _ in range(500):  # warm up allocator caches
+        step()
+    gc.collect()
+    before = rss_bytes()
+    for _ in range(10_000):
+        step()
+    gc.collect()
+    grown = rss_bytes() - before
+    # each call allocates ~4 KB of tensors: a leak of one per call would be ~40 MB
+    assert grown < 4 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 10,000 calls"

@@ -1,0 +1,251 @@
+"""rnnlm_ext.RNN as a drop-in for torch.nn.RNN: outputs, gradients, state_dict, API, errors."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import rnnlm_ext.rnn
+from helpers import DEVICES, TOL, assert_rel_close
+from rnnlm_ext import RNN, ops, reference
+from rnnlm_ext.reference import SimpleLMRNN
+
+
+def make_pair(I, H, device="cpu", dtype=torch.float64, **kwargs):
+    """An rnnlm_ext.RNN and a torch.nn.RNN holding the same weights."""
+    ours = RNN(I, H, device=device, dtype=dtype, **kwargs)
+    theirs = nn.RNN(I, H, device=device, dtype=dtype, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def run(module, x, h0):
+    """Output, h_n and the gradients of x, h0 and every parameter under random upstream
+    gradients on both output and h_n (drawn from a fixed seed, so both modules get the same)."""
+    x = x.detach().requires_grad_()
+    h0 = None if h0 is None else h0.detach().requires_grad_()
+    out, h_n = module(x, h0)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+    dh_n = torch.randn(h_n.shape, generator=g, dtype=out.dtype).to(out.device)
+    leaves = [x] + ([h0] if h0 is not None else []) + list(module.parameters())
+    grads = torch.autograd.grad((out * dout).sum() + (h_n * dh_n).sum(), leaves)
+    names = ["dx"] + (["dh0"] if h0 is not None else []) + ["d" + n for n, _ in module.named_parameters()]
+    return {"output": out, "h_n": h_n, **dict(zip(names, grads))}
+
+
+def compare(ours, theirs, x, h0, tol):
+    a, b = run(ours, x, h0), run(theirs, x, h0)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert_rel_close(a[name], b[name], tol, name)
+
+
+def using_reference(monkeypatch):
+    monkeypatch.setattr(rnnlm_ext.rnn, "_layer", reference.rnn_layer)
+
+
+CONFIGS = [
+    # (T, B, I, H, kwargs)
+    (1, 1, 1, 1, {}),
+    (5, 1, 4, 3, {"nonlinearity": "relu"}),
+    (7, 3, 5, 3, {"num_layers": 2}),
+    (9, 4, 6, 10, {"num_layers": 3, "nonlinearity": "relu", "bidirectional": True}),
+    (4, 2, 3, 7, {"bidirectional": True, "bias": False}),
+    (6, 5, 8, 4, {"batch_first": True, "num_layers": 2}),
+    (3, 2, 5, 65, {"batch_first": True, "bidirectional": True, "nonlinearity": "relu", "bias": False}),
+    (12, 8, 16, 16, {"num_layers": 2, "dropout": 0.3}),  # eval mode: dropout off
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_h0", [True, False])
+@pytest.mark.parametrize("T,B,I,H,kwargs", CONFIGS)
+def test_matches_torch_nn_rnn(device, dtype, with_h0, T, B, I, H, kwargs):
+    torch.manual_seed(0)
+    ours, theirs = make_pair(I, H, device, dtype, **kwargs)
+    ours.eval(), theirs.eval()
+    shape = (B, T, I) if kwargs.get("batch_first") else (T, B, I)
+    x = torch.randn(shape, dtype=dtype, device=device)
+    h0 = torch.randn(ours.num_layers * ours.num_directions, B, H, dtype=dtype, device=device) if with_h0 else None
+    compare(ours, theirs, x, h0, TOL[dtype])
+
+
+@pytest.mark.parametrize("T,B,I,H,kwargs", CONFIGS)
+def test_matches_reference(T, B, I, H, kwargs, monkeypatch):
+    """The same module, once through the fused op and once through the reference loop."""
+    torch.manual_seed(0)
+    fused = RNN(I, H, dtype=torch.float64, **kwargs).eval()
+    shape = (B, T, I) if kwargs.get("batch_first") else (T, B, I)
+    x = torch.randn(shape, dtype=torch.float64)
+    h0 = torch.randn(fused.num_layers * fused.num_directions, B, H, dtype=torch.float64)
+    expected = run(fused, x, h0)
+    using_reference(monkeypatch)
+    actual = run(fused, x, h0)
+    for name in expected:
+        assert_rel_close(actual[name], expected[name], TOL[torch.float64], name)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 12),
+    B=st.integers(1, 9),
+    I=st.integers(1, 12),
+    H=st.integers(1, 40),
+    layers=st.integers(1, 3),
+    bidirectional=st.booleans(),
+    nonlinearity=st.sampled_from(["tanh", "relu"]),
+    bias=st.booleans(),
+)
+def test_matches_torch_nn_rnn_on_random_shapes(T, B, I, H, layers, bidirectional, nonlinearity, bias):
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    ours, theirs = make_pair(
+        I, H, num_layers=layers, bidirectional=bidirectional, nonlinearity=nonlinearity, bias=bias
+    )
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = torch.randn(layers * ours.num_directions, B, H, dtype=torch.float64)
+    compare(ours, theirs, x, h0, TOL[torch.float64])
+
+
+def test_unbatched_input():
+    torch.manual_seed(0)
+    ours, theirs = make_pair(3, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 5, dtype=torch.float64)
+    compare(ours, theirs, x, h0, TOL[torch.float64])
+    out, h_n = ours(x)
+    assert out.shape == (6, 10) and h_n.shape == (4, 5)
+
+
+def test_gradcheck_through_the_module():
+    torch.manual_seed(0)
+    m = RNN(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, h0: m(x, h0), (x, h0))
+
+
+def test_same_constructor_parameters_and_initialisation():
+    kwargs = dict(num_layers=2, nonlinearity="relu", bias=True, batch_first=True, dropout=0.1, bidirectional=True)
+    torch.manual_seed(3)
+    ours = RNN(7, 11, **kwargs)
+    torch.manual_seed(3)
+    theirs = nn.RNN(7, 11, **kwargs)
+    ours_params, their_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert list(ours_params) == list(their_params)
+    for name, p in their_params.items():
+        assert torch.equal(ours_params[name], p), name
+    assert [[p.shape for p in layer] for layer in ours.all_weights] == [[p.shape for p in layer] for layer in theirs.all_weights]
+    for attr in ("input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first", "dropout", "bidirectional"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+
+
+def test_state_dict_moves_both_ways():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    kwargs = dict(num_layers=2, bidirectional=True, dtype=torch.float64)
+    theirs = nn.RNN(4, 6, **kwargs)
+    ours = RNN(4, 6, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    assert_rel_close(ours(x)[0], theirs(x)[0], TOL[torch.float64])
+    ours.reset_parameters()
+    theirs.load_state_dict(ours.state_dict())
+    assert_rel_close(theirs(x)[0], ours(x)[0], TOL[torch.float64])
+
+
+def test_dropout_in_train_mode():
+    """Dropout acts on every layer's output but the last, as in nn.RNN: the same draws from
+    the same seed give the same result, and it is really applied."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(8, 32, num_layers=3, dropout=0.5, bidirectional=True)
+    x = torch.randn(10, 4, 8, dtype=torch.float64)
+    torch.manual_seed(42)
+    a = run(ours, x, None)
+    torch.manual_seed(42)
+    b = run(theirs, x, None)
+    for name in a:
+        assert_rel_close(a[name], b[name], TOL[torch.float64], name)
+    torch.manual_seed(43)
+    c = run(ours, x, None)
+    assert (c["output"] - a["output"]).abs().max() > 1e-3, "dropout masks do not change with the seed"
+    ours.eval()
+    assert not torch.equal(ours(x)[0], a["output"]), "train-mode output equals eval-mode output"
+
+
+def test_packed_sequence_is_refused_with_advice():
+    m = RNN(3, 4)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with pytest.raises(TypeError, match="PackedSequence.*pad_packed_sequence"):
+        m(packed)
+
+
+def test_seed_cell_runs_through_the_fused_op():
+    """h = relu(W·(h + e_t) + b) is the Elman cell with w_ih = w_hh = W and one bias."""
+    torch.manual_seed(0)
+    model = SimpleLMRNN(30, 16).double()
+    tokens = torch.randint(0, 30, (8, 5))
+    expected = model(tokens)
+    expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
+
+    emb = model.i_h(tokens).transpose(0, 1)  # [T,B,H]
+    W, b = model.h_h.weight, model.h_h.bias
+    out = ops.rnn_layer(emb, emb.new_zeros(8, 16), W, W, b, "relu")
+    logits = model.h_o(out[-1])
+    grads = torch.autograd.grad(logits.sum(), list(model.parameters()))
+    assert_rel_close(logits, expected, TOL[torch.float64], "logits")
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
+        assert_rel_close(g, e, TOL[torch.float64], name)
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    torch.manual_seed(0)
+    m = RNN(5, 8, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 3, 5)
+
+    def loss(x):
+        out, h_n = m(x)
+        return out.square().mean() + h_n.abs().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    eager, comp = loss(x), compiled(x)
+    assert_rel_close(comp, eager, 1e-6, "loss")
+    params = list(m.parameters())
+    for g, e in zip(torch.autograd.grad(comp, params), torch.autograd.grad(eager, params)):
+        assert_rel_close(g, e, 1e-5, "grad")
+
+
+@pytest.mark.parametrize(
+    "make_call,error,message",
+    [
+        (lambda m: m(torch.randn(2, 3, 4, 5)), ValueError, "input must be 3-D"),
+        (lambda m: m(torch.randn(5, 2, 7)), ValueError, "input_size=4"),
+        (lambda m: m(torch.randn(5, 2, 4), torch.randn(1, 3, 6)), ValueError, r"hx must have shape \(2, 2, 6\)"),
+        (lambda m: m(torch.randn(5, 2, 4, dtype=torch.float64)), TypeError, "input has dtype torch.float64"),
+        (lambda m: m(torch.randn(5, 2, 4, device="meta")), ValueError, "input is on meta"),
+        (lambda m: m(torch.randn(5, 2, 4), torch.randn(2, 2, 6, device="meta")), ValueError, "hx is on meta"),
+        (lambda m: m(torch.randn(5, 2, 4), torch.randn(2, 2, 6, dtype=torch.float64)), TypeError, "hx has dtype"),
+        (lambda m: m(torch.ones(5, 2, 4, dtype=torch.long)), TypeError, "floating-point"),
+        (lambda m: m(torch.randn(0, 2, 4)), ValueError, "no time steps"),
+        (lambda m: m("not a tensor"), TypeError, "input must be a Tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(make_call, error, message):
+    m = RNN(4, 6, num_layers=2)
+    with pytest.raises(error, match=message):
+        make_call(m)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"nonlinearity": "gelu"}, "nonlinearity must be 'tanh' or 'relu'"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+        ({"num_layers": 0}, "num_layers must be a positive integer"),
+        ({"dropout": 1.5}, r"dropout must be a number in \[0, 1\]"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, message):
+    args = {"input_size": 4, "hidden_size": 6, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        RNN(**args)
