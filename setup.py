@@ -1,7 +1,8 @@
 """Builds rnnlm_ext._C with ninja.
 
 CPU-only torch: a CppExtension from the .cpp files in csrc/.
-CUDA torch with nvcc found (CUDA_HOME): a CUDAExtension that adds the .cu files.
+CUDA torch with nvcc found (CUDA_HOME): a CUDAExtension that adds the .cu files and the CUDA
+glue (*_cuda.cpp), for TORCH_CUDA_ARCH_LIST (default "9.0+PTX": Hopper, plus PTX for later GPUs).
 RNNLM_EXT_FORCE_CPU=1 builds the CPU extension even where CUDA is available.
 """
 import glob
@@ -13,6 +14,8 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# torch 2.14's headers require C++20; earlier ones build as C++17
+CXX_STD = "-std=c++20" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 14) else "-std=c++17"
 
 
 def cuda_wanted() -> bool:
@@ -26,23 +29,54 @@ def sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", pattern)))
 
 
+def cpu_sources() -> list:
+    # *_cuda.cpp is the CUDA glue: it includes CUDA headers, so only the CUDA build compiles it
+    return [p for p in sources("*.cpp") if not p.endswith("_cuda.cpp")]
+
+
+def cublas_paths() -> tuple:
+    """(-isystem compile flags, link flags) for cuBLAS where the toolkit lacks it.
+
+    pip's CUDA torch ships the cuBLAS headers and library in site-packages nvidia/*/ (beside
+    torch) while a bare toolkit may hold only nvcc and cudart. -isystem puts those headers after
+    the toolkit's own, so a header both have comes from the toolkit. The library is linked by
+    its versioned name (the wheels have no unversioned libcublas.so); at run time it is the one
+    torch has already loaded.
+    """
+    nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    compile_flags, link_flags = [], []
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+        for include in sorted(glob.glob(os.path.join(nvidia, "*", "include"))):
+            compile_flags += ["-isystem", include]
+    if not glob.glob(os.path.join(CUDA_HOME, "lib*", "libcublas.so")):
+        found = sorted(glob.glob(os.path.join(nvidia, "*", "lib", "libcublas.so.*")))
+        if found:
+            link_flags = ["-L" + os.path.dirname(found[0]), "-l:" + os.path.basename(found[0])]
+    return compile_flags, link_flags or ["-lcublas"]
+
+
 def extension():
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", CXX_STD]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for inside the kernels
     define_macros = [("RNNLM_EXT_BUILD_FLAGS", '"' + " ".join(cxx_flags) + '"')]
     if cuda_wanted():
+        # torch reads the arch list when it compiles; sm_90 (the H200 target) + PTX unless asked
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
         define_macros.append(("RNNLM_EXT_WITH_CUDA", "1"))
+        cublas_compile, cublas_link = cublas_paths()
+        # no --use_fast_math: its approximate tanhf would miss the float32 parity tolerance
+        nvcc_flags = ["-O3", CXX_STD] + cublas_compile
         return CUDAExtension(
             "rnnlm_ext._C",
             sources("*.cpp") + sources("*.cu"),
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-            libraries=["cublas"],
+            extra_compile_args={"cxx": cxx_flags + cublas_compile, "nvcc": nvcc_flags},
+            extra_link_args=cublas_link + (["-fopenmp"] if sys.platform.startswith("linux") else []),
         )
     return CppExtension(
         "rnnlm_ext._C",
-        sources("*.cpp"),
+        cpu_sources(),
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],

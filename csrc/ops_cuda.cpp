@@ -1,0 +1,123 @@
+// ops_cuda.cpp — CUDA registration of the rnnlm_ext ops (their schema: ops.cpp), plus the
+// cuda_path query. Thin glue: checks, .contiguous(), a device guard, the current stream and
+// cuBLAS handle; the kernels are plain CUDA in rnn_cuda.cu. Compiled only in the CUDA build.
+//
+// Which implementation of the time loop runs (rnn_cuda.h) is chosen at every call from the
+// environment variable RNNLM_EXT_CUDA_PATH: "auto" (or unset), "persistent" or "per_step".
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <string>
+
+#include "rnn_args.h"
+#include "rnn_cuda.h"
+
+namespace rnnlm_ext {
+namespace {
+
+constexpr const char* kPathEnv = "RNNLM_EXT_CUDA_PATH";
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default:
+      TORCH_CHECK(false, "rnnlm_ext: the CUDA kernel takes float32, float64, float16 or bfloat16, "
+                  "got ", t);
+  }
+}
+
+CudaPath parse_path(c10::string_view name) {
+  if (name.empty() || name == "auto") return CudaPath::Auto;
+  if (name == "persistent") return CudaPath::Persistent;
+  if (name == "per_step") return CudaPath::PerStep;
+  TORCH_CHECK(false, "rnnlm_ext: ", kPathEnv, " must be 'auto', 'persistent' or 'per_step', got '",
+              std::string(name), "'");
+}
+
+// Read at every call, so that a benchmark can switch paths between calls.
+CudaPath requested_path() {
+  const char* env = std::getenv(kPathEnv);
+  return parse_path(env ? env : "");
+}
+
+// x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None  ->  out [T,B,H]
+at::Tensor rnn_forward_cuda_op(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                               c10::string_view nonlinearity, bool reverse) {
+  const Activation act = parse_activation(nonlinearity);
+  const Dims d = check_forward_args(x, h0, w_ih, w_hh, bias);
+  const DType dtype = to_dtype(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
+  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
+  rnn_forward_cuda(out.data_ptr(), x_c.const_data_ptr(), h0_c.const_data_ptr(),
+                   w_ih_c.const_data_ptr(), w_hh_c.const_data_ptr(),
+                   bias ? b_c.const_data_ptr() : nullptr, d.T, d.B, d.I, d.H, dtype, act, reverse,
+                   requested_path(), at::cuda::getCurrentCUDAStream(),
+                   at::cuda::getCurrentCUDABlasHandle());
+  return out;
+}
+
+// dout [T,B,H] and the forward's inputs and output -> (dx, dh0, dw_ih, dw_hh, db).
+// output_mask says which to compute; the others come back as empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cuda_op(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
+    std::array<bool, 5> output_mask) {
+  const Activation act = parse_activation(nonlinearity);
+  const Dims d = check_backward_args(dout, x, h0, w_ih, w_hh, out);
+  const DType dtype = to_dtype(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
+  auto maybe = [&](bool wanted, at::IntArrayRef shape) {
+    return at::empty(wanted ? shape : at::IntArrayRef{0}, x.options());
+  };
+  at::Tensor dx = maybe(output_mask[0], {d.T, d.B, d.I});
+  at::Tensor dh0 = maybe(output_mask[1], {d.B, d.H});
+  at::Tensor dw_ih = maybe(output_mask[2], {d.H, d.I});
+  at::Tensor dw_hh = maybe(output_mask[3], {d.H, d.H});
+  at::Tensor db = maybe(output_mask[4], {d.H});
+  at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
+  auto ptr = [](at::Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; };
+  rnn_backward_cuda(ptr(dx, output_mask[0]), ptr(dh0, output_mask[1]), ptr(dw_ih, output_mask[2]),
+                    ptr(dw_hh, output_mask[3]), ptr(db, output_mask[4]), dz.data_ptr(),
+                    dout_c.const_data_ptr(), x_c.const_data_ptr(), h0_c.const_data_ptr(),
+                    w_ih_c.const_data_ptr(), w_hh_c.const_data_ptr(), out_c.const_data_ptr(), d.T,
+                    d.B, d.I, d.H, dtype, act, reverse, requested_path(),
+                    at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
+  return {dx, dh0, dw_ih, dw_hh, db};
+}
+
+// Which implementation the ops run on the current device for batch B, H hidden units and
+// dtype when `path` is requested ('' means RNNLM_EXT_CUDA_PATH's current value): 0 per-step,
+// 1 persistent, -1 where the persistent path is requested but cannot run (the ops raise).
+int64_t cuda_path_op(int64_t B, int64_t H, at::ScalarType dtype, c10::string_view path) {
+  TORCH_CHECK(B >= 1 && H >= 1, "rnnlm_ext: B and H must be >= 1, got B=", B, ", H=", H);
+  const CudaPath request = path.empty() ? requested_path() : parse_path(path);
+  if (request == CudaPath::PerStep) return 0;
+  const bool fits = rnn_persistent_fits(B, H, to_dtype(dtype));
+  if (fits) return 1;
+  return request == CudaPath::Persistent ? -1 : 0;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rnnlm_ext, m) {
+  m.def("cuda_path(int B, int H, ScalarType dtype, str path) -> int", &cuda_path_op);
+}
+
+TORCH_LIBRARY_IMPL(rnnlm_ext, CUDA, m) {
+  m.impl("rnn_forward", &rnn_forward_cuda_op);
+  m.impl("rnn_backward", &rnn_backward_cuda_op);
+}
+
+}  // namespace rnnlm_ext

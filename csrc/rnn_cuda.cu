@@ -1,0 +1,540 @@
+// rnn_cuda.cu — whole-sequence forward and backward of one Elman RNN layer on a CUDA GPU.
+// Dimensions and layouts: rnn.h; the launchers' contract: rnn_cuda.h. Order: helpers (errors,
+// dtypes, GEMM), pointwise kernels, persistent kernels, forward, backward, the launchers.
+//
+// Where the time goes: as on the CPU, the input projection and the four weight/input
+// gradients are large cuBLAS GEMMs over all T·B rows; only the per-step product with w_hh is
+// sequential. Per step, the per-step path costs a GEMM launch plus a pointwise launch; the
+// persistent path costs one grid-wide synchronisation, with w_hh read from shared memory
+// instead of from L2/HBM at every step.
+#include "rnn_cuda.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace rnnlm_ext {
+namespace {
+
+namespace cg = cooperative_groups;
+
+// ----------------------------------------------------------------------------------------
+// Errors
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("rnnlm_ext: ") + what + ": " + cudaGetErrorString(err));
+}
+
+void check_cublas(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string("rnnlm_ext: ") + what + ": " +
+                             cublasGetStatusString(status));
+}
+
+// cuBLAS takes int sizes and leading dimensions.
+void check_int_range(int64_t T, int64_t B, int64_t I, int64_t H) {
+  if (T * B > INT_MAX || I > INT_MAX || H > INT_MAX)
+    throw std::runtime_error("rnnlm_ext: T·B = " + std::to_string(T * B) + ", I = " +
+                             std::to_string(I) + " and H = " + std::to_string(H) +
+                             " must each fit in an int for cuBLAS");
+}
+
+// ----------------------------------------------------------------------------------------
+// Dtypes: storage type scalar_t, accumulation type acc_t, and their cuBLAS names. The
+// conversions are explicit functions because torch builds with __CUDA_NO_HALF_CONVERSIONS__.
+
+template <typename scalar_t>
+struct Traits;
+
+template <>
+struct Traits<float> {
+  using acc_t = float;
+  static constexpr cudaDataType_t data = CUDA_R_32F;
+  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  __device__ static float load(float v) { return v; }
+  __device__ static float store(float v) { return v; }
+};
+
+template <>
+struct Traits<double> {
+  using acc_t = double;
+  static constexpr cudaDataType_t data = CUDA_R_64F;
+  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_64F;
+  __device__ static double load(double v) { return v; }
+  __device__ static double store(double v) { return v; }
+};
+
+template <>
+struct Traits<__half> {
+  using acc_t = float;
+  static constexpr cudaDataType_t data = CUDA_R_16F;
+  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  __device__ static float load(__half v) { return __half2float(v); }
+  __device__ static __half store(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Traits<__nv_bfloat16> {
+  using acc_t = float;
+  static constexpr cudaDataType_t data = CUDA_R_16BF;
+  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename scalar_t, Activation act>
+struct Tag {
+  using scalar = scalar_t;
+  static constexpr Activation activation = act;
+};
+
+// Calls f(Tag<scalar_t, act>{}) for the runtime dtype and activation.
+template <typename scalar_t, typename F>
+void with_activation(Activation act, const F& f) {
+  if (act == Activation::Tanh) return f(Tag<scalar_t, Activation::Tanh>{});
+  return f(Tag<scalar_t, Activation::Relu>{});
+}
+
+template <typename F>
+void dispatch(DType dtype, Activation act, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return with_activation<float>(act, f);
+    case DType::Float64: return with_activation<double>(act, f);
+    case DType::Float16: return with_activation<__half>(act, f);
+    case DType::BFloat16: return with_activation<__nv_bfloat16>(act, f);
+  }
+  throw std::runtime_error("rnnlm_ext: unknown dtype");
+}
+
+// ----------------------------------------------------------------------------------------
+// GEMM
+
+// Row-major C[M,N] = op(A)[M,K] · op(B)[K,N] + beta·C, as rnn_cpu.cpp's gemm: lda/ldb/ldc are
+// the row strides as stored, beta is 0 (C written, NaN included) or 1 (C accumulated into).
+// A row-major matrix is its transpose in column-major, so cuBLAS computes the column-major
+// Cᵀ = op(B)ᵀ·op(A)ᵀ: operands swapped, transpose flags kept.
+template <typename scalar_t>
+void gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+          typename Traits<scalar_t>::acc_t beta, scalar_t* C, int64_t ldc) {
+  using Tr = Traits<scalar_t>;
+  const typename Tr::acc_t alpha = 1;
+  check_cublas(cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                            trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, int(N), int(M), int(K), &alpha,
+                            B, Tr::data, int(ldb), A, Tr::data, int(lda), &beta, C, Tr::data,
+                            int(ldc), Tr::compute, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx");
+}
+
+// ----------------------------------------------------------------------------------------
+// Activations, in acc_t. relu keeps NaN (z < 0 is false), as std::max(z, 0) on the CPU.
+
+template <Activation act, typename acc_t>
+__device__ acc_t activate(acc_t z) {
+  if constexpr (act == Activation::Tanh) {
+    if constexpr (std::is_same<acc_t, float>::value) return tanhf(z);
+    else return tanh(z);
+  } else {
+    return z < acc_t(0) ? acc_t(0) : z;
+  }
+}
+
+// In the forward pass this was h = act(z), so now dz = g ⊙ act'(z), with act' taken from the
+// saved output h: tanh' = 1 − h², relu' = [h > 0].
+template <Activation act, typename acc_t>
+__device__ acc_t activate_backward(acc_t g, acc_t h) {
+  if constexpr (act == Activation::Tanh) return g * (acc_t(1) - h * h);
+  else return h > acc_t(0) ? g : acc_t(0);
+}
+
+// ----------------------------------------------------------------------------------------
+// Pointwise kernels of the per-step path, over one step's [B,H] block of n = B·H elements.
+
+constexpr int kPointwiseThreads = 256;
+
+int pointwise_blocks(int64_t n) {
+  return int(std::min<int64_t>((n + kPointwiseThreads - 1) / kPointwiseThreads, 65535));
+}
+
+// In the forward pass: h = act(h + b) in place (h holds P_t + h_{t-1}·w_hhᵀ on entry).
+// h: [B,H], b: [H] or nullptr.
+template <typename scalar_t, Activation act>
+__global__ void bias_act_forward_kernel(scalar_t* h, const scalar_t* b, int64_t n, int64_t H) {
+  using Tr = Traits<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    typename Tr::acc_t z = Tr::load(h[i]);
+    if (b) z += Tr::load(b[i % H]);
+    h[i] = Tr::store(activate<act>(z));
+  }
+}
+
+// dz = (carry + dout) ⊙ act'(h). dz holds the carried gradient dz_{t+1}·w_hh on entry when
+// `carry` is true, and is overwritten. dz, dout, h: [B,H].
+template <typename scalar_t, Activation act>
+__global__ void act_backward_kernel(scalar_t* dz, const scalar_t* dout, const scalar_t* h,
+                                    bool carry, int64_t n) {
+  using Tr = Traits<scalar_t>;
+  using acc_t = typename Tr::acc_t;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t g = (carry ? Tr::load(dz[i]) : acc_t(0)) + Tr::load(dout[i]);
+    dz[i] = Tr::store(activate_backward<act>(g, Tr::load(h[i])));
+  }
+}
+
+// db[j] = Σ_r dz[r,j]: dz [rows,H] -> db [H]. A block sums 32 columns: its 32×32 threads read
+// coalesced rows, then add the 32 partial sums of each column in a fixed order
+// (deterministic, no atomics).
+template <typename scalar_t>
+__global__ void column_sum_kernel(scalar_t* db, const scalar_t* dz, int64_t rows, int64_t H) {
+  using Tr = Traits<scalar_t>;
+  using acc_t = typename Tr::acc_t;
+  __shared__ acc_t partial[32][33];
+  const int64_t j = blockIdx.x * int64_t(32) + threadIdx.x;
+  acc_t sum = 0;
+  if (j < H)
+    for (int64_t r = threadIdx.y; r < rows; r += 32) sum += Tr::load(dz[r * H + j]);
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < H) {
+    acc_t total = 0;
+    for (int y = 0; y < 32; ++y) total += partial[y][threadIdx.x];
+    db[j] = Tr::store(total);
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Persistent kernels: one cooperative launch runs all T steps. Block k owns the R hidden
+// units j0 = k·R … j0+R-1 (the last block fewer) and keeps the R matching rows of w_hh (w_hhᵀ
+// in the backward) in shared memory for the whole sequence. Each warp computes, for one batch
+// row b at a time, the R dot products of that row of the previous state with those R rows.
+// The state of step t is written by every block, so after writing it the grid synchronises
+// before step t+1 reads it; those reads bypass L1 (__ldcg), which is not coherent across SMs.
+
+constexpr int kPersistentThreads = 256;  // 8 warps; one block per SM
+constexpr int kMaxRowsPerBlock = 16;     // R <= 16: the R accumulators stay in registers
+constexpr int64_t kPersistentMaxB = 64;  // above this, cuBLAS's tensor-core GEMM per step wins
+
+// acc[r] += Σ_k v[k]·w_s[r·H + k] for r < rows, summed over the warp: every lane ends with all
+// the sums. v: [H] in global memory, w_s: [rows,H] in shared memory.
+template <typename scalar_t>
+__device__ void warp_dot_rows(typename Traits<scalar_t>::acc_t (&acc)[kMaxRowsPerBlock],
+                              const scalar_t* v, const scalar_t* w_s, int rows, int64_t H,
+                              int lane) {
+  using Tr = Traits<scalar_t>;
+  for (int64_t k = lane; k < H; k += 32) {
+    const typename Tr::acc_t vk = Tr::load(__ldcg(v + k));
+#pragma unroll
+    for (int r = 0; r < kMaxRowsPerBlock; ++r)
+      if (r < rows) acc[r] += vk * Tr::load(w_s[r * H + k]);
+  }
+#pragma unroll
+  for (int r = 0; r < kMaxRowsPerBlock; ++r)
+    for (int offset = 16; offset > 0; offset /= 2)
+      acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+}
+
+// Forward, steps as in rnn_forward_cpu. out: [T,B,H] holds P = x·w_ihᵀ on entry and every
+// h_t on return. h0 [B,H], w_hh [H,H], b [H] or nullptr. Shared memory: R·H scalars.
+template <typename scalar_t, Activation act>
+__global__ void __launch_bounds__(kPersistentThreads)
+    rnn_forward_persistent_kernel(scalar_t* out, const scalar_t* h0, const scalar_t* w_hh,
+                                  const scalar_t* b, int64_t T, int64_t B, int64_t H, int R,
+                                  bool reverse) {
+  using Tr = Traits<scalar_t>;
+  using acc_t = typename Tr::acc_t;
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);  // [rows,H]: rows j0… of w_hh
+  const int64_t j0 = int64_t(blockIdx.x) * R;
+  const int rows = int(min(int64_t(R), H - j0));
+  for (int64_t i = threadIdx.x; i < rows * H; i += blockDim.x) w_s[i] = w_hh[j0 * H + i];
+  __syncthreads();
+
+  cg::grid_group grid = cg::this_grid();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t BH = B * H;
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
+    scalar_t* h = out + t * BH;                                                     // [B,H]
+    for (int64_t bi = warp; bi < B; bi += warps) {
+      acc_t acc[kMaxRowsPerBlock] = {};
+      warp_dot_rows(acc, h_prev + bi * H, w_s, rows, H, lane);  // (h_{t-1}·w_hhᵀ)[bi, j0…]
+#pragma unroll
+      for (int r = 0; r < kMaxRowsPerBlock; ++r) {
+        if (r < rows && lane == r) {
+          const int64_t i = bi * H + j0 + r;
+          acc_t z = acc[r] + Tr::load(h[i]);
+          if (b) z += Tr::load(b[j0 + r]);
+          h[i] = Tr::store(activate<act>(z));
+        }
+      }
+    }
+    grid.sync();
+  }
+}
+
+// Backward recurrence, steps as in rnn_backward_cpu: writes dz [T,B,H] and, when not nullptr,
+// dh0 = dz_first·w_hh [B,H]. dout, out: [T,B,H], w_hh [H,H]. Shared memory: R·H scalars.
+template <typename scalar_t, Activation act>
+__global__ void __launch_bounds__(kPersistentThreads)
+    rnn_backward_persistent_kernel(scalar_t* dh0, scalar_t* dz, const scalar_t* dout,
+                                   const scalar_t* w_hh, const scalar_t* out, int64_t T,
+                                   int64_t B, int64_t H, int R, bool reverse) {
+  using Tr = Traits<scalar_t>;
+  using acc_t = typename Tr::acc_t;
+  extern __shared__ __align__(16) unsigned char smem[];
+  // [rows,H]: rows j0… of w_hhᵀ, so that (dz_t·w_hh)[b, j0+r] = Σ_k dz_t[b,k]·w_s[r,k]
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
+  const int64_t j0 = int64_t(blockIdx.x) * R;
+  const int rows = int(min(int64_t(R), H - j0));
+  for (int64_t i = threadIdx.x; i < rows * H; i += blockDim.x) {
+    const int64_t r = i / H, k = i % H;
+    w_s[i] = w_hh[k * H + j0 + r];
+  }
+  __syncthreads();
+
+  cg::grid_group grid = cg::this_grid();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t BH = B * H;
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const bool carry = s != T - 1;
+    const scalar_t* dz_next = carry ? dz + (reverse ? t - 1 : t + 1) * BH : nullptr;  // [B,H]
+    for (int64_t bi = warp; bi < B; bi += warps) {
+      // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so
+      // dz_t = (dout_t + dz_{t+1}·w_hh) ⊙ act'(h_t)
+      acc_t acc[kMaxRowsPerBlock] = {};
+      if (carry) warp_dot_rows(acc, dz_next + bi * H, w_s, rows, H, lane);
+#pragma unroll
+      for (int r = 0; r < kMaxRowsPerBlock; ++r) {
+        if (r < rows && lane == r) {
+          const int64_t i = t * BH + bi * H + j0 + r;
+          dz[i] = Tr::store(activate_backward<act>(acc[r] + Tr::load(dout[i]),
+                                                   Tr::load(out[i])));
+        }
+      }
+    }
+    grid.sync();
+  }
+  if (dh0) {
+    const scalar_t* dz_first = dz + (reverse ? T - 1 : 0) * BH;  // the step that read h0
+    for (int64_t bi = warp; bi < B; bi += warps) {
+      acc_t acc[kMaxRowsPerBlock] = {};
+      warp_dot_rows(acc, dz_first + bi * H, w_s, rows, H, lane);
+#pragma unroll
+      for (int r = 0; r < kMaxRowsPerBlock; ++r)
+        if (r < rows && lane == r) dh0[bi * H + j0 + r] = Tr::store(acc[r]);
+    }
+  }
+}
+
+// Grid of the persistent kernels for (B, H) on the current device; grid == 0 where they
+// cannot run (see rnn_persistent_fits in rnn_cuda.h).
+struct PersistentPlan {
+  int grid = 0;
+  int rows = 0;     // R, rows of w_hh per block
+  size_t smem = 0;  // bytes of dynamic shared memory per block
+};
+
+template <typename scalar_t>
+PersistentPlan plan_persistent(int64_t B, int64_t H) {
+  if (B > kPersistentMaxB) return {};
+  int device = 0, cooperative = 0, sms = 0, smem_optin = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  if (!cooperative || sms < 1) return {};
+  const int64_t rows = (H + sms - 1) / sms;
+  if (rows > kMaxRowsPerBlock) return {};
+  PersistentPlan plan;
+  plan.rows = int(rows);
+  plan.grid = int((H + rows - 1) / rows);
+  plan.smem = size_t(rows * H) * sizeof(scalar_t);
+  if (plan.smem > size_t(smem_optin)) return {};
+  // Every block of a cooperative launch must be resident at once: check each kernel that may
+  // run, with the shared memory limit raised to the device's maximum (the same value for
+  // every call, so that concurrent callers never lower it under each other).
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(rnn_forward_persistent_kernel<scalar_t, Activation::Tanh>),
+      reinterpret_cast<const void*>(rnn_forward_persistent_kernel<scalar_t, Activation::Relu>),
+      reinterpret_cast<const void*>(rnn_backward_persistent_kernel<scalar_t, Activation::Tanh>),
+      reinterpret_cast<const void*>(rnn_backward_persistent_kernel<scalar_t, Activation::Relu>)};
+  for (const void* kernel : kernels) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    smem_optin),
+               "cudaFuncSetAttribute");
+    int per_sm = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
+                                                             plan.smem),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    if (int64_t(per_sm) * sms < plan.grid) return {};
+  }
+  return plan;
+}
+
+// The plan to run: none for PerStep, the persistent one for Auto where it fits.
+template <typename scalar_t>
+PersistentPlan choose_plan(CudaPath path, int64_t B, int64_t H) {
+  if (path == CudaPath::PerStep) return {};
+  const PersistentPlan plan = plan_persistent<scalar_t>(B, H);
+  if (path == CudaPath::Persistent && plan.grid == 0)
+    throw std::runtime_error("rnnlm_ext: the persistent CUDA path was asked for, but its kernels "
+                             "cannot run B = " + std::to_string(B) + ", H = " +
+                             std::to_string(H) + " in this dtype on this GPU (see "
+                             "rnnlm_ext.ops.cuda_path)");
+  return plan;
+}
+
+// ----------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, Activation act>
+void rnn_forward(scalar_t* out, const scalar_t* x, const scalar_t* h0, const scalar_t* w_ih,
+                 const scalar_t* w_hh, const scalar_t* b, int64_t T, int64_t B, int64_t I,
+                 int64_t H, bool reverse, CudaPath path, cudaStream_t stream,
+                 cublasHandle_t handle) {
+  const int64_t BH = B * H;
+  // P = x·w_ihᵀ for all T·B rows at once, written straight into out: [T·B,I]·[I,H] -> [T·B,H]
+  gemm<scalar_t>(handle, false, true, T * B, H, I, x, I, w_ih, I, 0, out, H);
+  const PersistentPlan plan = choose_plan<scalar_t>(path, B, H);
+  if (plan.grid > 0) {
+    int R = plan.rows;
+    void* args[] = {&out, &h0, &w_hh, &b, &T, &B, &H, &R, &reverse};
+    check_cuda(cudaLaunchCooperativeKernel(
+                   reinterpret_cast<const void*>(rnn_forward_persistent_kernel<scalar_t, act>),
+                   plan.grid, kPersistentThreads, args, plan.smem, stream),
+               "cudaLaunchCooperativeKernel (rnn_forward_persistent_kernel)");
+    return;
+  }
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
+    scalar_t* h = out + t * BH;                                                     // [B,H]
+    gemm<scalar_t>(handle, false, true, B, H, H, h_prev, H, w_hh, H, 1, h, H);  // h += h_prev·w_hhᵀ
+    bias_act_forward_kernel<scalar_t, act>
+        <<<pointwise_blocks(BH), kPointwiseThreads, 0, stream>>>(h, b, BH, H);
+    check_cuda(cudaGetLastError(), "bias_act_forward_kernel launch");
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward
+
+template <typename scalar_t, Activation act>
+void rnn_backward(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh, scalar_t* db,
+                  scalar_t* dz, const scalar_t* dout, const scalar_t* x, const scalar_t* h0,
+                  const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
+                  int64_t B, int64_t I, int64_t H, bool reverse, CudaPath path,
+                  cudaStream_t stream, cublasHandle_t handle) {
+  const int64_t BH = B * H;
+  const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
+  const PersistentPlan plan = choose_plan<scalar_t>(path, B, H);
+  if (plan.grid > 0) {
+    int R = plan.rows;
+    void* args[] = {&dh0, &dz, &dout, &w_hh, &out, &T, &B, &H, &R, &reverse};
+    check_cuda(cudaLaunchCooperativeKernel(
+                   reinterpret_cast<const void*>(rnn_backward_persistent_kernel<scalar_t, act>),
+                   plan.grid, kPersistentThreads, args, plan.smem, stream),
+               "cudaLaunchCooperativeKernel (rnn_backward_persistent_kernel)");
+  } else {
+    // Reverse of the forward's step order; `prev` is the step before t in forward order.
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so dz_t = dh_t ⊙
+      // act'(h_t) with dh_t = dout_t + dz_{t+1}·w_hh (the carry, already in dz_t except at
+      // the last step)
+      act_backward_kernel<scalar_t, act><<<pointwise_blocks(BH), kPointwiseThreads, 0, stream>>>(
+          dz + t * BH, dout + t * BH, out + t * BH, s != T - 1, BH);
+      check_cuda(cudaGetLastError(), "act_backward_kernel launch");
+      if (s > 0) {
+        const int64_t prev = reverse ? t + 1 : t - 1;
+        // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh into the previous step's slot
+        gemm<scalar_t>(handle, false, false, B, H, H, dz + t * BH, H, w_hh, H, 0, dz + prev * BH,
+                       H);
+      }
+    }
+    if (dh0) gemm<scalar_t>(handle, false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
+  }
+
+  // The rest is batched over all T·B rows.
+  if (dw_ih) gemm<scalar_t>(handle, true, false, H, I, T * B, dz, H, x, I, 0, dw_ih, I);  // dzᵀ·x
+  if (dw_hh) {
+    // Σ_t dz_tᵀ·h_{t-1}: the first step's h_{t-1} is h0, the other steps' are rows of out
+    // shifted by one step, contiguous, so two GEMMs and no copy.
+    gemm<scalar_t>(handle, true, false, H, H, B, dz + first * BH, H, h0, H, 0, dw_hh, H);
+    if (T > 1) {
+      const scalar_t* dz_rest = reverse ? dz : dz + BH;   // steps that read out rows
+      const scalar_t* h_rest = reverse ? out + BH : out;  // the rows they read
+      gemm<scalar_t>(handle, true, false, H, H, (T - 1) * B, dz_rest, H, h_rest, H, 1, dw_hh, H);
+    }
+  }
+  if (db) {
+    column_sum_kernel<scalar_t><<<int((H + 31) / 32), dim3(32, 32), 0, stream>>>(db, dz, T * B, H);
+    check_cuda(cudaGetLastError(), "column_sum_kernel launch");
+  }
+  if (dx) gemm<scalar_t>(handle, false, false, T * B, I, H, dz, H, w_ih, I, 0, dx, I);  // dz·w_ih
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// Launchers
+
+bool rnn_persistent_fits(int64_t B, int64_t H, DType dtype) {
+  bool fits = false;
+  dispatch(dtype, Activation::Tanh, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::scalar;
+    fits = plan_persistent<scalar_t>(B, H).grid > 0;
+  });
+  return fits;
+}
+
+void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih,
+                      const void* w_hh, const void* b, int64_t T, int64_t B, int64_t I,
+                      int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
+                      cudaStream_t stream, cublasHandle_t handle) {
+  check_int_range(T, B, I, H);
+  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+  dispatch(dtype, act, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::scalar;
+    rnn_forward<scalar_t, decltype(tag)::activation>(
+        static_cast<scalar_t*>(out), static_cast<const scalar_t*>(x),
+        static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(w_ih),
+        static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(b), T, B, I, H, reverse,
+        path, stream, handle);
+  });
+}
+
+void rnn_backward_cuda(void* dx, void* dh0, void* dw_ih, void* dw_hh, void* db, void* dz,
+                       const void* dout, const void* x, const void* h0, const void* w_ih,
+                       const void* w_hh, const void* out, int64_t T, int64_t B, int64_t I,
+                       int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
+                       cudaStream_t stream, cublasHandle_t handle) {
+  check_int_range(T, B, I, H);
+  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+  dispatch(dtype, act, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::scalar;
+    rnn_backward<scalar_t, decltype(tag)::activation>(
+        static_cast<scalar_t*>(dx), static_cast<scalar_t*>(dh0), static_cast<scalar_t*>(dw_ih),
+        static_cast<scalar_t*>(dw_hh), static_cast<scalar_t*>(db), static_cast<scalar_t*>(dz),
+        static_cast<const scalar_t*>(dout), static_cast<const scalar_t*>(x),
+        static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(w_ih),
+        static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(out), T, B, I, H,
+        reverse, path, stream, handle);
+  });
+}
+
+}  // namespace rnnlm_ext
