@@ -70,3 +70,48 @@ torch.library.register_autograd("rnnlm_ext::rnn_forward", _backward, setup_conte
 def build_info() -> dict:
     """How the compiled extension was built (compiler, flags, CPU paths, CUDA or not)."""
     return dict(_C.build_info())
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA: which implementation of the time loop runs (csrc/rnn_cuda.h). "persistent" (one
+# cooperative kernel for the whole sequence, w_hh kept in shared memory) where the shape fits
+# the GPU, else "per_step" (a cuBLAS GEMM and a fused pointwise kernel per step). The
+# environment variable RNNLM_EXT_CUDA_PATH = auto | persistent | per_step overrides the choice;
+# the ops read it at every call (eager or compiled), so force_cuda_path() switches between calls.
+import contextlib  # noqa: E402  (kept with the section it serves)
+import os  # noqa: E402
+
+CUDA_PATHS = ("per_step", "persistent")  # the values torch.ops.rnnlm_ext.cuda_path returns: 0, 1
+CUDA_PATH_ENV = "RNNLM_EXT_CUDA_PATH"
+
+
+def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: Optional[str] = None) -> Optional[str]:
+    """Which CUDA implementation a layer with batch B and H hidden units of `dtype` runs on the
+    current GPU: "persistent" or "per_step" (T does not matter).
+
+    path: what is asked for, as in RNNLM_EXT_CUDA_PATH ("auto", "persistent", "per_step");
+    None reads the variable's current value. Returns None where "persistent" is asked for but
+    cannot run that shape: the ops would raise.
+    """
+    if not build_info()["cuda"]:
+        raise RuntimeError("rnnlm_ext was built without CUDA kernels (a CPU-only torch or no nvcc)")
+    code = torch.ops.rnnlm_ext.cuda_path(B, H, dtype, os.environ.get(CUDA_PATH_ENV, "") if path is None else path)
+    return None if code < 0 else CUDA_PATHS[code]
+
+
+@contextlib.contextmanager
+def force_cuda_path(path: str):
+    """Run the CUDA ops inside the block with `path` ("persistent", "per_step" or "auto"),
+    restoring RNNLM_EXT_CUDA_PATH after it. Forcing "persistent" where it cannot run makes
+    the ops raise (ask cuda_path(B, H, dtype, "persistent") first)."""
+    if path not in CUDA_PATHS + ("auto",):
+        raise ValueError(f"path must be 'auto', 'persistent' or 'per_step', got {path!r}")
+    previous = os.environ.get(CUDA_PATH_ENV)
+    os.environ[CUDA_PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[CUDA_PATH_ENV]
+        else:
+            os.environ[CUDA_PATH_ENV] = previous
