@@ -1,0 +1,75 @@
+"""`rnnlm train | generate` end to end on small runs, and bad input reported with the argument's name."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rnnlm_ext.cli import main
+
+TINY = ["--hidden", "16", "--layers", "1", "--epochs", "1", "--no-progress"]
+
+
+def test_train_resume_generate_on_human_numbers(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--epochs", "2", "--save", run, "--stop-after", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch train_loss valid_loss accuracy perplexity" in " ".join(out.split())
+    assert "stopped after step 60; continue with --resume" in out
+    assert main(["train", "--resume", run, "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "final: valid_loss" in out
+    assert [e["epoch"] for e in json.loads((tmp_path / "r.json").read_text())["epochs"]] == [1, 2]
+    assert main(["generate", "--checkpoint", run, "--prompt", "one . two .", "--tokens", "12",
+                 "--temperature", "0"]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[:4] == ["one", ".", "two", "."] and len(words) == 16
+    assert set(words) <= set(" . ".join(["one two three four five six seven eight nine ten eleven twelve thirteen",
+                                         "fourteen fifteen sixteen seventeen eighteen nineteen twenty thirty forty",
+                                         "fifty sixty seventy eighty ninety hundred thousand"]).split())
+
+
+def test_char_level_text_file_through_the_console_entry(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question.\n" * 40)
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "train", "--dataset", str(text), "--level", "char",
+                            "--bs", "4", "--bptt", "8", "--model", "seed", *TINY, "--save", str(run)],
+                           capture_output=True, text=True, timeout=120)
+    assert train.returncode == 0, train.stderr
+    gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "generate", "--checkpoint", str(run),
+                          "--prompt", "to be", "--tokens", "20", "--seed", "3"], capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("to be") and len(gen.stdout.rstrip("\n")) >= len("to be") + 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "/no/such/file.txt"], "--dataset: no such file or folder"),
+    (["--dataset", "EMPTY"], "--dataset: corpus .* is empty"),
+    (["--bptt", "0"], "--bptt must be >= 1"),
+    (["--bs", "30000"], "--bs 30000 is too large for the train stream"),
+    (["--resume", "CORRUPT"], "--checkpoint/--resume: .* is not a readable checkpoint"),
+])
+def test_train_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "checkpoint.pt").write_bytes(b"\x00garbage")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "corrupt") if a == "CORRUPT" else a
+            for a in args]
+    assert main(["train", *TINY, *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rnnlm train: error: ")
+    assert re.search(message, err), err
+
+
+def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path)]) == 1
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    run = str(tmp_path / "run")
+    main(["train", *TINY, "--save", run])
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", run, "--prompt", "one zillion"]) == 1
+    assert "'zillion' is not in the vocabulary" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", run, "--tokens", "-1"]) == 1
+    assert "--tokens must be >= 0" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""Training: determinism, exact resume, atomic checkpoints, the non-finite-loss stop, DDP with two processes."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnnlm_ext.train import CHECKPOINT, TrainConfig, TrainingError, load_checkpoint, train
+
+# Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
+SMALL = dict(hidden=16, layers=2, dropout=0.2, epochs=2, progress=False)
+
+
+def quiet(_):
+    pass
+
+
+def test_same_seed_same_run_and_json(tmp_path):
+    path = tmp_path / "m.json"
+    a = train(TrainConfig(**SMALL, json=str(path)), log=quiet)
+    b = train(TrainConfig(**SMALL), log=quiet)
+    assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]]
+    saved = json.loads(path.read_text())
+    assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
+    assert set(saved["final"]) == {"valid_loss", "valid_accuracy", "perplexity", "tokens_per_s"}
+    assert saved["final"]["perplexity"] == pytest.approx(math.exp(saved["final"]["valid_loss"]))
+    assert saved["epochs"][-1]["valid_loss"] < saved["epochs"][0]["train_loss"]  # it learns
+
+
+@pytest.mark.parametrize("stop_after", [37, 50, 63])  # mid epoch 1, at its end, mid epoch 2
+def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, stop_after):
+    whole = train(TrainConfig(**SMALL), log=quiet)
+    ckpt = str(tmp_path / "run")
+    part = train(TrainConfig(**SMALL, save=ckpt, stop_after=stop_after), log=quiet)
+    assert part["stopped_at_step"] == stop_after
+    assert load_checkpoint(ckpt)["batch"] == stop_after % 50
+    resumed = train(TrainConfig(resume=ckpt, progress=False), log=quiet)
+    for key in ("train_loss", "valid_loss", "valid_accuracy"):
+        assert [e[key] for e in resumed["epochs"]] == [e[key] for e in whole["epochs"]], key
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "run")
+    train(TrainConfig(**{**SMALL, "epochs": 1}, save=ckpt), log=quiet)
+    good = load_checkpoint(ckpt)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*stopped.*lower --lr"):
+        train(TrainConfig(**{**SMALL, "epochs": 1}, lr=1e12, clip=0, save=ckpt, save_every=1), log=quiet)
+    kept = load_checkpoint(ckpt)
+    assert all(torch.isfinite(p).all() for p in kept["model"].values())
+    assert kept["epoch"] in (0, 1)  # the good run's checkpoint or a later one written before the blow-up
+    assert not os.path.exists(os.path.join(ckpt, CHECKPOINT + ".tmp"))
+    assert good["vocab"] == kept["vocab"]
+
+
+def test_corrupt_and_missing_checkpoints_are_reported(tmp_path):
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="--resume.*not a readable checkpoint"):
+        train(TrainConfig(resume=str(tmp_path)), log=quiet)
+    with pytest.raises(FileNotFoundError, match="--resume.*no checkpoint.pt"):
+        train(TrainConfig(resume=str(tmp_path / "nowhere")), log=quiet)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("bptt", 0, "--bptt must be >= 1"), ("bs", 40000, "--bs 40000 is too large"),
+    ("dropout", 1.0, "--dropout"), ("lr", 0.0, "--lr must be > 0"),
+])
+def test_bad_settings_name_the_flag(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**{**SMALL, field: value}), log=quiet)
+
+
+@pytest.mark.parametrize("model,bptt", [("lmmodel1", 3), ("lmmodel3", 3), ("seed", 8)])
+def test_seed_models_train(model, bptt):
+    result = train(TrainConfig(model=model, hidden=16, layers=1, bptt=bptt, epochs=1, progress=False), log=quiet)
+    assert result["final"]["valid_loss"] < math.log(30)  # better than uniform over the 30 words
+
+
+def test_two_processes_stay_in_sync(tmp_path):
+    """torchrun, two gloo processes, each on its own rows; train() checks every epoch that the weights agree."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "rnnlm_ext.cli", "train", "--hidden", "16", "--layers", "1", "--epochs", "2", "--bs", "16",
+           "--save", str(tmp_path / "run"), "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    # 50,476 train tokens cut into 2 x 16 rows: 1,577 tokens a row, 1,576 inputs, each read once
+    assert result["epochs"][0]["train_tokens"] == 32 * 1576
+    assert proc.stdout.count("final:") == 1  # only rank 0 reports
