@@ -1,0 +1,24 @@
+"""The CUDA extension builds and registers its kernels, on a machine without a GPU.
+
+Runs .ci/cuda_build_check.sh: a separate venv with the CUDA build of torch, nvcc, a build of a
+copy of the tree, an import that checks the CUDA kernels are registered for every op. It takes
+minutes, so it runs only when asked: RNNLM_EXT_CUDA_BUILD_CHECK=1.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "cuda_build_check.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("RNNLM_EXT_CUDA_BUILD_CHECK") != "1",
+    reason="the CUDA build check takes minutes: set RNNLM_EXT_CUDA_BUILD_CHECK=1 to run it",
+)
+def test_cuda_extension_builds_and_registers_its_kernels():
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{SCRIPT.name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert "== cuda_build_check" in result.stdout and result.stdout.rstrip().endswith("OK")
