@@ -41,7 +41,7 @@ nvcc --version | tail -n 1 || echo "nvcc not on PATH (torch looks in CUDA_HOME)"
 'GPU available:', torch.cuda.is_available())"
 
 export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0+PTX}"
-rm -rf build rnnlm_ext/_C*.so
+rm -rf build  # ninja's state from another torch or machine
 if ! run_stage build 420 "$PY" setup.py build_ext --inplace; then
   echo "gpu_check: the build failed, nothing else can run (log: $LOGS/build.log)" >&2
   exit 1

@@ -95,7 +95,7 @@ def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: Optional
     """
     if not build_info()["cuda"]:
         raise RuntimeError("rnnlm_ext was built without CUDA kernels (a CPU-only torch or no nvcc)")
-    code = torch.ops.rnnlm_ext.cuda_path(B, H, dtype, os.environ.get(CUDA_PATH_ENV, "") if path is None else path)
+    code = torch.ops.rnnlm_ext.cuda_path(B, H, dtype, path or "")  # "": the op reads the variable
     return None if code < 0 else CUDA_PATHS[code]
 
 
