@@ -1,0 +1,299 @@
+"""Benchmark of one RNN layer: rnnlm_ext.RNN against torch.nn.RNN and the pure-Python loop.
+
+Protocol (DESIGN.md): correctness is checked before any timing; every implementation is timed
+side by side in one run (these machines are noisy, so only ratios from one run mean much);
+median of repeated runs after warm-up; on the GPU, CUDA events with synchronisation. The
+floor is the time the layer's GEMM FLOPs (6·T·B·H·(I+H) forward+backward, 2·T·B·H·(I+H)
+forward) take at the rate of a large matmul timed in the same run; on the GPU the floor is
+the larger of that and the minimal memory traffic at the bandwidth of a large copy.
+
+    rnnlm bench                      # CPU table, bench/results/rnn_cpu.{json,png}
+    rnnlm bench --device cuda        # the GPU grid, each CUDA path of the fused layer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from rnnlm_ext import RNN, ops, reference
+
+CPU_SHAPES = [(16, 64, 64), (16, 64, 256), (64, 64, 256), (64, 64, 1024), (256, 32, 128), (64, 256, 512)]
+CUDA_T = 128
+CUDA_BATCHES = [1, 8, 32, 64, 256]
+CUDA_HIDDEN = [128, 256, 512, 1024, 2048]
+
+
+@dataclass
+class Row:
+    device: str
+    dtype: str
+    nonlinearity: str
+    T: int
+    B: int
+    H: int
+    pass_: str  # "fwd+bwd" or "fwd"
+    ms: Dict[str, float]  # implementation -> median milliseconds
+    floor_ms: float
+
+    def ratio(self, slow: str, fast: str) -> Optional[float]:
+        return self.ms[slow] / self.ms[fast] if slow in self.ms and fast in self.ms else None
+
+
+# ----------------------------------------------------------------------------------------
+# timing
+
+
+def median_ms(fn: Callable[[], None], device: str, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gemm_gflops(device: str, dtype: torch.dtype, repeats: int) -> float:
+    """The rate of a large square matmul: what the GEMMs of a layer could reach at best."""
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: torch.mm(a, b, out=c), device, max(5, repeats // 4), 2)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def copy_gbps(device: str, repeats: int) -> float:
+    """Bandwidth of a large device-to-device copy (read + write)."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, max(5, repeats // 4), 2)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------
+# the implementations, all holding the same weights
+
+
+def layers(H: int, nonlinearity: str, device: str, dtype: torch.dtype, python_loop: bool):
+    fused = RNN(H, H, nonlinearity=nonlinearity, device=device, dtype=dtype)
+    torch_rnn = nn.RNN(H, H, nonlinearity=nonlinearity, device=device, dtype=dtype)
+    torch_rnn.load_state_dict(fused.state_dict())
+    impls = {"rnnlm_ext": fused, "nn.RNN": torch_rnn}
+    if python_loop:
+        def loop(x, h0):
+            out = reference.rnn_layer(
+                x, h0[0], fused.weight_ih_l0, fused.weight_hh_l0,
+                fused.bias_ih_l0 + fused.bias_hh_l0, nonlinearity,
+            )
+            return out, out[-1:]
+        impls["python loop"] = loop
+    return impls
+
+
+def run_once(impl, x, h0, dout, backward: bool):
+    if backward:
+        out, _ = impl(x, h0)
+        torch.autograd.backward(out, dout)
+    else:
+        with torch.no_grad():
+            impl(x, h0)
+
+
+def check(impls, x, h0, dout, tol: float, label: str) -> None:
+    """Every implementation's output and gradients against nn.RNN's, before any timing."""
+    results = {}
+    for name, impl in impls.items():
+        xg = x.detach().requires_grad_()
+        out, _ = impl(xg, h0)
+        (dx,) = torch.autograd.grad(out, xg, dout)
+        results[name] = (out.float(), dx.float())
+    ref_out, ref_dx = results["nn.RNN"]
+    for name, (out, dx) in results.items():
+        for what, a, b in (("output", out, ref_out), ("dx", dx, ref_dx)):
+            err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+            if not err <= tol:
+                raise AssertionError(f"{label}: {name} {what} differs from nn.RNN by {err:.2e} (> {tol:.0e})")
+
+
+def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_loop, gflops, gbps, paths):
+    others = layers(H, nonlinearity, device, dtype, python_loop)
+    fused = others.pop("rnnlm_ext")
+    # one entry per CUDA path of the fused layer (only "rnnlm_ext" on the CPU), then the others
+    impls = {f"rnnlm_ext[{path}]" if path else "rnnlm_ext": fused for path in paths}
+    impls.update(others)
+    g = torch.Generator().manual_seed(T * B + H)
+    x = torch.randn(T, B, H, generator=g).to(device, dtype)
+    h0 = torch.randn(1, B, H, generator=g).to(device, dtype) * 0.5
+    dout = torch.randn(T, B, H, generator=g).to(device, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+
+    def under_path(name, fn):
+        path = name[len("rnnlm_ext["):-1] if name.startswith("rnnlm_ext[") else None
+        if path is None:
+            return fn()
+        with ops.force_cuda_path(path):
+            return fn()
+
+    for name in list(impls):
+        under_path(name, lambda: check({"nn.RNN": impls["nn.RNN"], name: impls[name]}, x, h0, dout, tol,
+                                       f"T={T} B={B} H={H} {nonlinearity} {dtype}"))
+
+    rows = []
+    flops_fwd = 2 * T * B * H * (H + H)
+    bytes_fwd = T * B * (H + H) * x.element_size()  # read x, write out
+    for pass_, backward, flops, nbytes in (("fwd+bwd", True, 3 * flops_fwd, 3 * bytes_fwd), ("fwd", False, flops_fwd, bytes_fwd)):
+        xg = x.detach().requires_grad_(backward)
+        ms = {}
+        for name, impl in impls.items():
+            ms[name] = under_path(name, lambda: median_ms(lambda: run_once(impl, xg, h0, dout, backward),
+                                                           device, repeats, warmup))
+            for p in list(fused.parameters()) + list(impls["nn.RNN"].parameters()) + [xg]:
+                p.grad = None
+        floor = flops / (gflops * 1e9) * 1e3
+        if gbps:
+            floor = max(floor, nbytes / (gbps * 1e9) * 1e3)
+        rows.append(Row(device, str(dtype).replace("torch.", ""), nonlinearity, T, B, H, pass_, ms, floor))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# report
+
+
+def markdown(rows: List[Row]) -> str:
+    names = list(rows[0].ms)
+    fused_names = [n for n in names if n.startswith("rnnlm_ext")]
+    head = ["act", "pass", "dtype", "T", "B", "H"] + [f"{n} ms" for n in names] + ["floor ms"]
+    head += [f"nn.RNN ÷ {n}" for n in fused_names]
+    if "python loop" in names:
+        head += ["loop ÷ rnnlm_ext"]
+    head += [f"{n} ÷ floor" for n in fused_names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.nonlinearity, r.pass_, r.dtype, str(r.T), str(r.B), str(r.H)]
+        cells += [f"{r.ms[n]:.3f}" for n in names] + [f"{r.floor_ms:.3f}"]
+        cells += [f"{r.ratio('nn.RNN', n):.2f}x" for n in fused_names]
+        if "python loop" in names:
+            cells += [f"{r.ratio('python loop', fused_names[0]):.2f}x"]
+        cells += [f"{r.ms[n] / r.floor_ms:.2f}" for n in fused_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fused_names = [n for n in rows[0].ms if n.startswith("rnnlm_ext")]
+    groups = sorted({(r.pass_, r.nonlinearity, r.dtype) for r in rows})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(8, 0.5 * len(rows)), 3.2 * len(groups)), squeeze=False)
+    for ax, (pass_, act, dtype) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if (r.pass_, r.nonlinearity, r.dtype) == (pass_, act, dtype)]
+        labels = [f"T{r.T}\nB{r.B}\nH{r.H}" for r in sel]
+        width = 0.8 / len(fused_names)
+        for i, name in enumerate(fused_names):
+            xs = [k + i * width for k in range(len(sel))]
+            ax.bar(xs, [r.ratio("nn.RNN", name) for r in sel], width, label=f"nn.RNN ÷ {name}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sel))], labels, fontsize=7)
+        ax.set_ylabel("speed-up over nn.RNN")
+        ax.set_title(f"{pass_}, {act}, {dtype} ({sel[0].device})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_shapes(text: str):
+    try:
+        return [tuple(int(v) for v in s.split(",")) for s in text.split(";") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes takes 'T,B,H;T,B,H;...', got {text!r}") from None
+
+
+def main(argv=None) -> List[Row]:
+    p = argparse.ArgumentParser(prog="rnnlm bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--shapes", type=parse_shapes, help="'T,B,H;...' (I = H); default: the issue's grid")
+    p.add_argument("--nonlinearity", choices=["tanh", "relu", "both"], default=None,
+                   help="default: both on the CPU, tanh on the GPU")
+    p.add_argument("--dtypes", default=None, help="comma-separated; default float32 (CPU), float32,bfloat16 (GPU)")
+    p.add_argument("--repeats", type=int, default=25, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-python-loop", action="store_true", help="skip the pure-Python loop")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
+
+    cuda = args.device == "cuda"
+    shapes = args.shapes or ([(CUDA_T, b, h) for h in CUDA_HIDDEN for b in CUDA_BATCHES] if cuda else CPU_SHAPES)
+    acts = {"both": ["tanh", "relu"], None: ["tanh"] if cuda else ["tanh", "relu"]}.get(args.nonlinearity, [args.nonlinearity])
+    dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")]
+    python_loop = not args.no_python_loop and not cuda
+
+    rows: List[Row] = []
+    for dtype in dtypes:
+        gflops = gemm_gflops(args.device, dtype, args.repeats)
+        gbps = copy_gbps(args.device, args.repeats) if cuda else 0.0
+        print(f"# {args.device} {dtype}: matmul {gflops:.0f} GFLOP/s" + (f", copy {gbps:.0f} GB/s" if gbps else ""),
+              flush=True)
+        for act in acts:
+            for T, B, H in shapes:
+                paths = [None]
+                if cuda:
+                    paths = [pth for pth in ops.CUDA_PATHS if ops.cuda_path(B, H, dtype, pth) == pth]
+                rows += bench_shape(T, B, H, act, args.device, dtype, args.repeats, args.warmup, python_loop,
+                                    gflops, gbps, paths)
+                last = rows[-2:]
+                print("  " + "  ".join(
+                    f"{r.pass_} T={T} B={B} H={H} {act}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r.ms.items())
+                    for r in last), flush=True)
+
+    table = markdown(rows)
+    print()
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"rnn_{args.device}")
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "build_info": ops.build_info(),
+        "repeats": args.repeats,
+    }
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    plot(rows, stem + ".png")
+    print(f"\nwrote {stem}.json and {stem}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
