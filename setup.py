@@ -15,7 +15,8 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # torch 2.14's headers require C++20; earlier ones build as C++17
-CXX_STD = "-std=c++20" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 14) else "-std=c++17"
+TORCH_MAJOR_MINOR = tuple(map(int, torch.__version__.split(".")[:2]))
+CXX_STD = "-std=c++20" if TORCH_MAJOR_MINOR >= (2, 14) else "-std=c++17"
 
 
 def cuda_wanted() -> bool:
@@ -57,8 +58,10 @@ def cublas_paths() -> tuple:
 
 def extension():
     cxx_flags = ["-O3", CXX_STD]
+    openmp_link = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for inside the kernels
+        openmp_link = ["-fopenmp"]
     define_macros = [("RNNLM_EXT_BUILD_FLAGS", '"' + " ".join(cxx_flags) + '"')]
     if cuda_wanted():
         # torch reads the arch list when it compiles; sm_90 (the H200 target) + PTX unless asked
@@ -72,14 +75,14 @@ def extension():
             sources("*.cpp") + sources("*.cu"),
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags + cublas_compile, "nvcc": nvcc_flags},
-            extra_link_args=cublas_link + (["-fopenmp"] if sys.platform.startswith("linux") else []),
+            extra_link_args=cublas_link + openmp_link,
         )
     return CppExtension(
         "rnnlm_ext._C",
         cpu_sources(),
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+        extra_link_args=openmp_link,
     )
 
 
