@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check in one script, for the GPU machine (python3 with a CUDA torch, nvcc,
 # ninja, pytest; no network): build the extension from source, run the CUDA tests, run the
-# CUDA benchmark, and print a short summary table last. About 6 minutes on an H200.
+# CUDA benchmark, and print a short summary table last. Sized to take about 6 minutes on an
+# H200 (not yet run on one).
 #
-#   bash bench/gpu_check.sh          logs (and the benchmark's JSON) go to $OUT, else gpu_check_out/
+#   bash bench/gpu_check.sh    logs, the benchmark's rnn_cuda.{json,png} and the test report go to
+#                              $OUT, else bench/results/gpu_check/
 #
 # A failing stage does not stop the later ones (a test failure still leaves the timings to
 # look at); the script exits non-zero if any stage failed. A build failure stops everything.
@@ -11,7 +13,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-LOGS="${OUT:-$ROOT/gpu_check_out}"
+LOGS="${OUT:-$ROOT/bench/results/gpu_check}"
 mkdir -p "$LOGS"
 PY="${PYTHON:-python3}"
 start=$SECONDS
@@ -62,8 +64,7 @@ run_stage tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
   --junitxml="$LOGS/test_cuda.xml" || true
 run_stage op_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_op.py -k cuda || true
 
-run_stage bench 300 "$PY" bench/bench_rnn.py --device cuda || true
-if [[ -d bench/results ]]; then cp -r bench/results "$LOGS/bench_results"; fi
+run_stage bench 300 "$PY" bench/bench_rnn.py --device cuda --out "$LOGS" || true
 
 stage "which CUDA path each benchmark shape takes (auto)"
 "$PY" - <<'EOF' | tee "$LOGS/paths.txt" || failed=1
