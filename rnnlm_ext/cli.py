@@ -48,7 +48,7 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a folder written by `rnnlm train --save`")
-    p.add_argument("--prompt", default="", help="text to start from (its tokens must be in the vocabulary, or map to <unk>)")
+    p.add_argument("--prompt", required=True, help="text to start from (its tokens must be in the vocabulary, or map to <unk>)")
     p.add_argument("--tokens", type=int, default=30, help="how many tokens to sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0: always the most likely token")
     p.add_argument("--seed", type=int, default=0)
@@ -66,9 +66,9 @@ def generate(model, vocab: data.Vocab, level: str, prompt: str, n_tokens: int, t
         raise ValueError(f"--tokens must be >= 0, got {n_tokens}")
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
-    tokens = data.tokenize(prompt, level) if level == "char" else prompt.split()
+    tokens = list(prompt) if level == "char" else prompt.split()
     if not tokens:
-        tokens = [vocab.itos[-1] if vocab.unk else vocab.itos[0]]  # some start: the last (or first) vocab entry
+        raise ValueError("--prompt must hold at least one token")
     ids = vocab.encode(tokens)  # [N]
     gen = torch.Generator().manual_seed(seed)
     stateful = hasattr(model, "reset")

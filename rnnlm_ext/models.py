@@ -5,7 +5,8 @@ Every model takes token ids x [B,T] and returns logits for every position [B,T,V
 `predicts_all = True`, else for the token after the last one only [B,V] (the seed's first three).
 Stateful models keep their hidden state `h` across calls (row j of one batch continues row j of
 the previous one), detach it after every call, and start again from zeros after reset() or when
-the batch size changes.
+the batch size changes. The last batch of an epoch is shorter in time, never in rows, so the
+state carries through it; a new batch size only comes with a new stream (validation, generation).
 """
 from __future__ import annotations
 

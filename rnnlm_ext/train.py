@@ -270,7 +270,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
         final_div_factor=1e5 / 25, base_momentum=0.85, max_momentum=0.95,
     )
     history: List[dict] = []
-    epoch, start_batch, running = 0, 0, {"loss": 0.0, "tokens": 0, "time": 0.0}
+    epoch, start_batch, running = 0, 0, {"loss": 0.0, "tokens": 0, "time": 0.0, "losses": []}
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -322,11 +322,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
             t0 = time.perf_counter()
             for k, (x, y) in enumerate(data.batches(train_rows, cfg.bptt, start_batch, drop_last), start_batch):
                 loss, _, _ = loss_and_correct(model(x), y, predicts_all)
+                value = loss.item()
                 # every process must see the same verdict, or the others would wait forever in backward
-                if not math.isfinite(_all_reduce_sum([loss.item()])[0]):
+                if not math.isfinite(_all_reduce_sum([value])[0]):
                     where = f"a checkpoint is in {cfg.save}" if cfg.save else "no checkpoint was asked for (--save)"
                     raise TrainingError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, batch {k + 1}: training stopped "
+                        f"loss is {value} at epoch {epoch + 1}, batch {k + 1}: training stopped "
                         f"({where}, left as it was). Try a lower --lr or a smaller --clip.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -335,7 +336,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
                 opt.step()
                 sched.step()
                 step += 1
-                running["loss"] += loss.item() * x.numel()
+                running["loss"] += value * x.numel()
+                running["losses"].append(value)
                 running["tokens"] += x.numel() * world
                 bar.update(1)
                 bar.set_postfix(loss=f"{running['loss'] * world / running['tokens']:.3f}")
@@ -361,9 +363,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
                 "valid_accuracy": valid_acc, "perplexity": math.exp(valid_loss),
                 "tokens_per_s": running["tokens"] / running["time"], "train_tokens": running["tokens"],
                 "train_time": running["time"], "time": running["time"] + time.perf_counter() - t_valid,
+                "step_losses": running["losses"],  # this process's loss at every step, for plots
             })
             log(_row(history[-1]))
-            epoch, start_batch, running = epoch + 1, 0, {"loss": 0.0, "tokens": 0, "time": 0.0}
+            epoch, start_batch, running = epoch + 1, 0, {"loss": 0.0, "tokens": 0, "time": 0.0, "losses": []}
             checkpoint(epoch, 0, running)
             if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after and epoch < cfg.epochs):
                 stopped = step

@@ -64,12 +64,14 @@ def test_train_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
 
 
 def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
-    assert main(["generate", "--checkpoint", str(tmp_path)]) == 1
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "one"]) == 1
     assert "no checkpoint.pt" in capsys.readouterr().err
     run = str(tmp_path / "run")
     main(["train", *TINY, "--save", run])
     capsys.readouterr()
     assert main(["generate", "--checkpoint", run, "--prompt", "one zillion"]) == 1
     assert "'zillion' is not in the vocabulary" in capsys.readouterr().err
-    assert main(["generate", "--checkpoint", run, "--tokens", "-1"]) == 1
+    assert main(["generate", "--checkpoint", run, "--prompt", "one", "--tokens", "-1"]) == 1
     assert "--tokens must be >= 0" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", run, "--prompt", " "]) == 1
+    assert "--prompt must hold at least one token" in capsys.readouterr().err

@@ -30,9 +30,13 @@ def test_same_seed_same_run_and_json(tmp_path):
     assert saved["epochs"][-1]["valid_loss"] < saved["epochs"][0]["train_loss"]  # it learns
 
 
+@pytest.fixture(scope="module")
+def whole():
+    return train(TrainConfig(**SMALL), log=quiet)
+
+
 @pytest.mark.parametrize("stop_after", [37, 50, 63])  # mid epoch 1, at its end, mid epoch 2
-def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, stop_after):
-    whole = train(TrainConfig(**SMALL), log=quiet)
+def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, whole, stop_after):
     ckpt = str(tmp_path / "run")
     part = train(TrainConfig(**SMALL, save=ckpt, stop_after=stop_after), log=quiet)
     assert part["stopped_at_step"] == stop_after

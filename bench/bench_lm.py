@@ -1,0 +1,199 @@
+"""Language-model results (issue 3 §5): fastbook chapter 12's table side by side with RNNLM, training
+throughput of RNNLM on rnnlm_ext.RNN vs torch.nn.RNN vs the Python-loop reference, and
+tiny-shakespeare at character level with both layers.
+
+Prints markdown tables; writes OUT/bench_lm.json and the loss-curve plots OUT/*.png.
+    python bench/bench_lm.py                     # everything (about 10 minutes on 2 cores)
+    python bench/bench_lm.py --sections throughput --repeats 7
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from rnnlm_ext import data, models, reference
+from rnnlm_ext import rnn as fused_rnn
+from rnnlm_ext.train import RNN_CLASSES, TrainConfig, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+# fastbook chapter 12: hidden 64, bs 64, fit_one_cycle; valid accuracy of the last epoch in the book
+FASTBOOK = [
+    ("LMModel1", dict(model="lmmodel1", bptt=3, epochs=4, lr=1e-3), 0.494),
+    ("LMModel2", dict(model="lmmodel2", bptt=3, epochs=4, lr=1e-3), 0.470),
+    ("LMModel3", dict(model="lmmodel3", bptt=3, epochs=10, lr=3e-3), 0.589),
+    ("LMModel4", dict(model="lmmodel4", bptt=16, epochs=15, lr=3e-3), 0.640),
+    ("RNNLM, seed cell on the fused op (= LMModel4)", dict(model="seed", bptt=16, epochs=15, lr=3e-3), 0.640),
+    ("RNNLM, fused Elman layer", dict(model="rnn", bptt=16, epochs=15, lr=3e-3), None),
+]
+BOOK_SETUP = dict(hidden=64, layers=1, bs=64, clip=0.0, dropout=0.0)  # fastai's Learner: no clipping
+
+
+def quiet(_):
+    pass
+
+
+def run_fastbook(results: dict) -> None:
+    rows = []
+    for name, setup, book in [*FASTBOOK, ("RNNLM, main-job recipe (`rnnlm train`)", {}, None)]:
+        cfg = TrainConfig(**({**BOOK_SETUP, **setup} if setup else {}), progress=False)
+        t0 = time.perf_counter()
+        r = train(cfg, log=quiet)
+        rows.append(dict(name=name, book=book, config={k: getattr(cfg, k) for k in ("model", "hidden", "layers", "bptt",
+                         "epochs", "lr", "dropout", "clip")}, time_s=time.perf_counter() - t0, **r["final"]))
+        print(f"  {name}: accuracy {r['final']['valid_accuracy']:.3f} in {rows[-1]['time_s']:.1f}s", flush=True)
+    results["fastbook"] = rows
+    print("\n| model | setup | book accuracy | our accuracy | valid loss | time |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["config"]
+        setup = f"h{c['hidden']} x{c['layers']}, sl {c['bptt']}, {c['epochs']} ep, lr {c['lr']:g}"
+        setup += f", dropout {c['dropout']:g}" if c["dropout"] else ""
+        book = f"{r['book']:.3f}" if r["book"] is not None else "–"
+        print(f"| {r['name']} | {setup} | {book} | {r['valid_accuracy']:.3f} | {r['valid_loss']:.3f} | {r['time_s']:.1f}s |")
+
+
+def _epoch_tokens_per_s(model, rows: torch.Tensor, bptt: int) -> float:
+    """One training epoch (forward, backward, AdamW step) over rows [B,L]; tokens per second."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    models.reset_state(model)
+    n, t0 = 0, time.perf_counter()
+    for x, y in data.batches(rows, bptt):
+        loss = F.cross_entropy(model(x).reshape(-1, model.h_o.out_features), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += x.numel()
+    return n / (time.perf_counter() - t0)
+
+
+def run_throughput(results: dict, repeats: int) -> None:
+    """Same model, same batches, three recurrent layers, timed in turn (interleaved) `repeats` times."""
+    corpus = data.load_corpus("human-numbers")
+    rows = data.batchify(corpus.train, 64)
+    main = TrainConfig()
+    setups = [("fastbook size: h64 x1, bs 64, sl 16", dict(hidden=64, layers=1)),
+              (f"main job: h{main.hidden} x{main.layers}, bs 64, sl 16", dict(hidden=main.hidden, layers=main.layers))]
+    out = []
+    for label, size in setups:
+        built = {}
+        for impl in ("fused", "torch", "reference"):
+            torch.manual_seed(0)
+            built[impl] = models.RNNLM(len(corpus.vocab), size["hidden"], size["layers"], "relu",
+                                       rnn_cls=RNN_CLASSES["torch" if impl == "torch" else "fused"])
+        speeds = {impl: [] for impl in built}
+        for rep in range(repeats + 1):  # the first round warms up and is not counted
+            for impl, model in built.items():
+                # the reference: rnnlm_ext.RNN with its per-layer op swapped for the Python loop
+                layer = reference.rnn_layer if impl == "reference" else fused_rnn._layer
+                with mock.patch.object(fused_rnn, "_layer", layer):
+                    tps = _epoch_tokens_per_s(model, rows, 16)
+                if rep:
+                    speeds[impl].append(tps)
+        med = {impl: statistics.median(v) for impl, v in speeds.items()}
+        out.append(dict(setup=label, tokens_per_s=med, all_runs=speeds,
+                        fused_over_torch=med["fused"] / med["torch"], fused_over_reference=med["fused"] / med["reference"]))
+        print(f"  {label}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items()), flush=True)
+    results["throughput"] = out
+    print(f"\n| setup (train, median of {repeats} epochs each) | fused tok/s | nn.RNN tok/s | reference tok/s "
+          "| fused ÷ nn.RNN | fused ÷ reference |")
+    print("|---|---|---|---|---|---|")
+    for r in out:
+        t = r["tokens_per_s"]
+        print(f"| {r['setup']} | {t['fused']:,.0f} | {t['torch']:,.0f} | {t['reference']:,.0f} "
+              f"| {r['fused_over_torch']:.2f}x | {r['fused_over_reference']:.2f}x |")
+
+
+def run_shakespeare(results: dict, path: str, epochs: int, out_dir: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--shakespeare: no such file {path!r}")
+    runs = {}
+    for impl in ("fused", "torch"):
+        cfg = TrainConfig(dataset=path, level="char", rnn=impl, hidden=256, layers=2, bptt=64, bs=64, epochs=epochs,
+                          lr=3e-3, dropout=0.1, progress=False)
+        t0 = time.perf_counter()
+        r = train(cfg, log=quiet)
+        runs[impl] = dict(time_s=time.perf_counter() - t0, epochs=r["epochs"], **r["final"])
+        print(f"  {impl}: valid loss {r['final']['valid_loss']:.4f} nats/char in {runs[impl]['time_s']:.0f}s", flush=True)
+    results["shakespeare"] = dict(config=dict(hidden=256, layers=2, bptt=64, bs=64, epochs=epochs, lr=3e-3,
+                                              dropout=0.1), runs=runs)
+    print("\n| tiny-shakespeare, char level (h256 x2, sl 64, bs 64) | valid loss (nats/char) | perplexity "
+          "| tokens/s | time |")
+    print("|---|---|---|---|---|")
+    for impl, r in runs.items():
+        name = "rnnlm_ext.RNN" if impl == "fused" else "torch.nn.RNN"
+        print(f"| {name} | {r['valid_loss']:.4f} | {r['perplexity']:.3f} | {r['tokens_per_s']:,.0f} | {r['time_s']:.0f}s |")
+    _plot(runs, os.path.join(out_dir, "shakespeare_loss.png"))
+
+
+def _plot(runs: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for impl, r in runs.items():
+        name = "rnnlm_ext.RNN" if impl == "fused" else "torch.nn.RNN"
+        losses = [v for e in r["epochs"] for v in e["step_losses"]]
+        per_step = sum(e["train_time"] for e in r["epochs"]) / len(losses)
+        smooth = [sum(losses[max(0, i - 19) : i + 1]) / len(losses[max(0, i - 19) : i + 1]) for i in range(len(losses))]
+        steps_per_epoch = len(r["epochs"][0]["step_losses"])
+        valid_steps = [steps_per_epoch * e["epoch"] for e in r["epochs"]]
+        valid = [e["valid_loss"] for e in r["epochs"]]
+        line, = by_step.plot(smooth, label=f"{name} train")
+        by_step.plot(valid_steps, valid, "o--", color=line.get_color(), label=f"{name} valid")
+        by_time.plot([per_step * (i + 1) for i in range(len(smooth))], smooth, color=line.get_color(), label=name)
+    by_step.set(xlabel="step", ylabel="loss (nats/char)", title="tiny-shakespeare, char level")
+    by_time.set(xlabel="training time (s)", ylabel="train loss (nats/char)", title="same runs against time")
+    for ax in (by_step, by_time):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nwrote {path}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default="fastbook,throughput,shakespeare",
+                   help="comma-separated: fastbook, throughput, shakespeare")
+    p.add_argument("--repeats", type=int, default=5, help="timed training epochs per layer (throughput)")
+    p.add_argument("--shakespeare", default=SHAKESPEARE, help="tiny-shakespeare text file")
+    p.add_argument("--shakespeare-epochs", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the JSON and PNG files")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    sections = args.sections.split(",")
+    unknown = set(sections) - {"fastbook", "throughput", "shakespeare"}
+    if unknown:
+        p.error(f"--sections: unknown {', '.join(sorted(unknown))}")
+    if "fastbook" in sections:
+        print("fastbook chapter 12 on Human Numbers, side by side")
+        run_fastbook(results)
+    if "throughput" in sections:
+        print("\ntraining throughput of RNNLM on Human Numbers")
+        run_throughput(results, args.repeats)
+    if "shakespeare" in sections:
+        print("\ntiny-shakespeare, character level")
+        run_shakespeare(results, args.shakespeare, args.shakespeare_epochs, args.out)
+    path = os.path.join(args.out, "bench_lm.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
