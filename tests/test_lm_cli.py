@@ -75,3 +75,10 @@ def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "--tokens must be >= 0" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", run, "--prompt", " "]) == 1
     assert "--prompt must hold at least one token" in capsys.readouterr().err
+
+
+def test_bench_is_the_kernel_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: rnnlm bench" in capsys.readouterr().out
