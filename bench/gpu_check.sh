@@ -66,17 +66,17 @@ run_stage op_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_op.py -
 
 run_stage bench 300 "$PY" bench/bench_rnn.py --device cuda --out "$LOGS" || true
 
-stage "which CUDA path each benchmark shape takes (auto)"
-"$PY" - <<'EOF' | tee "$LOGS/paths.txt" || failed=1
+# which CUDA path each shape of the benchmark grid takes when left to choose
+run_stage paths 60 "$PY" -c "
 import torch
 from rnnlm_ext import ops
 
 Hs = [128, 256, 512, 1024, 2048]
 for dtype in (torch.float32, torch.bfloat16):
-    print(f"{str(dtype):16s}" + "".join(f"H={H:<11d}" for H in Hs))
+    print(f'{str(dtype):16s}' + ''.join(f'H={H:<11d}' for H in Hs))
     for B in (1, 8, 32, 64, 256):
-        print(f"  B={B:<12d}" + "".join(f"{ops.cuda_path(B, H, dtype, 'auto'):13s}" for H in Hs))
-EOF
+        print(f'  B={B:<12d}' + ''.join(f'{ops.cuda_path(B, H, dtype, \"auto\"):13s}' for H in Hs))
+" || true
 
 echo
 echo "== gpu_check summary ($((SECONDS - start))s in all; logs in $LOGS)"
