@@ -48,26 +48,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
   const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
   const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
-  auto maybe = [&](bool wanted, at::IntArrayRef shape) {
-    return at::empty(wanted ? shape : at::IntArrayRef{0}, x.options());
-  };
-  at::Tensor dx = maybe(output_mask[0], {d.T, d.B, d.I});
-  at::Tensor dh0 = maybe(output_mask[1], {d.B, d.H});
-  at::Tensor dw_ih = maybe(output_mask[2], {d.H, d.I});
-  at::Tensor dw_hh = maybe(output_mask[3], {d.H, d.H});
-  at::Tensor db = maybe(output_mask[4], {d.H});
+  Grads grads(d, output_mask, x.options());
   at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
-    auto ptr = [&](at::Tensor& t, bool wanted) { return wanted ? t.data_ptr<scalar_t>() : nullptr; };
-    rnn_backward_cpu<scalar_t>(
-        ptr(dx, output_mask[0]), ptr(dh0, output_mask[1]), ptr(dw_ih, output_mask[2]),
-        ptr(dw_hh, output_mask[3]), ptr(db, output_mask[4]), dz.data_ptr<scalar_t>(),
-        dout_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
-        h0_c.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
-        w_hh_c.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(), d.T, d.B, d.I, d.H,
-        act, reverse);
+    auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
+    rnn_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), dz.data_ptr<scalar_t>(),
+                               dout_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
+                               h0_c.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
+                               w_hh_c.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(),
+                               d.T, d.B, d.I, d.H, act, reverse);
   });
-  return {dx, dh0, dw_ih, dw_hh, db};
+  return grads.tuple();
 }
 
 py::dict build_info() {

@@ -78,23 +78,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
   const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
-  auto maybe = [&](bool wanted, at::IntArrayRef shape) {
-    return at::empty(wanted ? shape : at::IntArrayRef{0}, x.options());
-  };
-  at::Tensor dx = maybe(output_mask[0], {d.T, d.B, d.I});
-  at::Tensor dh0 = maybe(output_mask[1], {d.B, d.H});
-  at::Tensor dw_ih = maybe(output_mask[2], {d.H, d.I});
-  at::Tensor dw_hh = maybe(output_mask[3], {d.H, d.H});
-  at::Tensor db = maybe(output_mask[4], {d.H});
+  Grads grads(d, output_mask, x.options());
   at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
-  auto ptr = [](at::Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; };
-  rnn_backward_cuda(ptr(dx, output_mask[0]), ptr(dh0, output_mask[1]), ptr(dw_ih, output_mask[2]),
-                    ptr(dw_hh, output_mask[3]), ptr(db, output_mask[4]), dz.data_ptr(),
-                    dout_c.const_data_ptr(), x_c.const_data_ptr(), h0_c.const_data_ptr(),
-                    w_ih_c.const_data_ptr(), w_hh_c.const_data_ptr(), out_c.const_data_ptr(), d.T,
-                    d.B, d.I, d.H, dtype, act, reverse, requested_path(),
-                    at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
-  return {dx, dh0, dw_ih, dw_hh, db};
+  rnn_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
+                    dz.data_ptr(), dout_c.const_data_ptr(), x_c.const_data_ptr(),
+                    h0_c.const_data_ptr(), w_ih_c.const_data_ptr(), w_hh_c.const_data_ptr(),
+                    out_c.const_data_ptr(), d.T, d.B, d.I, d.H, dtype, act, reverse,
+                    requested_path(), at::cuda::getCurrentCUDAStream(),
+                    at::cuda::getCurrentCUDABlasHandle());
+  return grads.tuple();
 }
 
 // Which implementation the ops run on the current device for batch B, H hidden units and

@@ -4,8 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "rnn.h"
 
@@ -70,5 +72,25 @@ inline Dims check_backward_args(const at::Tensor& dout, const at::Tensor& x, con
   check_like(out, "out", x);
   return d;
 }
+
+// The backward op's gradients, in its output order (dx, dh0, dw_ih, dw_hh, db): each one
+// allocated where output_mask asks for it, an empty [0] tensor otherwise.
+struct Grads {
+  std::array<at::Tensor, 5> t;
+  std::array<bool, 5> wanted;
+
+  Grads(const Dims& d, std::array<bool, 5> output_mask, const at::TensorOptions& options)
+      : wanted(output_mask) {
+    const std::array<std::vector<int64_t>, 5> shapes = {
+        {{d.T, d.B, d.I}, {d.B, d.H}, {d.H, d.I}, {d.H, d.H}, {d.H}}};
+    for (size_t i = 0; i < 5; ++i)
+      t[i] = at::empty(wanted[i] ? at::IntArrayRef(shapes[i]) : at::IntArrayRef{0}, options);
+  }
+  // where the kernel writes gradient i, nullptr for one not asked for
+  void* ptr(size_t i) { return wanted[i] ? t[i].data_ptr() : nullptr; }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
+    return {t[0], t[1], t[2], t[3], t[4]};
+  }
+};
 
 }  // namespace rnnlm_ext
