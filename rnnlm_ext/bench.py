@@ -201,8 +201,13 @@ def markdown(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[Row], path: str) -> None:
-    import matplotlib
+def plot(rows: List[Row], path: str) -> bool:
+    """Speed-up over nn.RNN per shape, one panel per (pass, activation, dtype). False, with
+    nothing written, where matplotlib is not installed (the GPU machine may lack it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -225,6 +230,7 @@ def plot(rows: List[Row], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def parse_shapes(text: str):
@@ -290,8 +296,8 @@ def main(argv=None) -> List[Row]:
     }
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    plot(rows, stem + ".png")
-    print(f"\nwrote {stem}.json and {stem}.png")
+    plotted = plot(rows, stem + ".png")
+    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else " (no PNG: matplotlib is not installed)"))
     return rows
 
 

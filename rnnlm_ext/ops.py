@@ -6,15 +6,14 @@ autograd formula calls rnn_backward, the hand-written backward: no autograd thro
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from rnnlm_ext import _C  # noqa: F401  (importing it registers torch.ops.rnnlm_ext.*)
-
-NONLINEARITIES = ("tanh", "relu")
-
 
 def rnn_layer(
     x: Tensor,  # [T,B,I]
@@ -78,9 +77,6 @@ def build_info() -> dict:
 # the GPU, else "per_step" (a cuBLAS GEMM and a fused pointwise kernel per step). The
 # environment variable RNNLM_EXT_CUDA_PATH = auto | persistent | per_step overrides the choice;
 # the ops read it at every call (eager or compiled), so force_cuda_path() switches between calls.
-import contextlib  # noqa: E402  (kept with the section it serves)
-import os  # noqa: E402
-
 CUDA_PATHS = ("per_step", "persistent")  # the values torch.ops.rnnlm_ext.cuda_path returns: 0, 1
 CUDA_PATH_ENV = "RNNLM_EXT_CUDA_PATH"
 
