@@ -38,6 +38,17 @@ void check_cublas(cublasStatus_t status, const char* what) {
                              cublasGetStatusString(status));
 }
 
+// Puts the cuBLAS handle on `stream`. torch's getCurrentCUDABlasHandle() has already done so
+// and given the handle torch's own workspace; cublasSetStream unconditionally resets the
+// handle's workspace to cuBLAS's default pool (cuBLAS docs), which would undo that (cuBLAS
+// then allocates outside torch's allocator, which breaks CUDA graph capture). So the stream is
+// set only where the handle is on another one.
+void set_stream(cublasHandle_t handle, cudaStream_t stream) {
+  cudaStream_t current = nullptr;
+  check_cublas(cublasGetStream(handle, &current), "cublasGetStream");
+  if (current != stream) check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+}
+
 // cuBLAS takes int sizes and leading dimensions.
 void check_int_range(int64_t T, int64_t B, int64_t I, int64_t H) {
   if (T * B > INT_MAX || I > INT_MAX || H > INT_MAX)
@@ -507,7 +518,7 @@ void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih
                       int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
                       cudaStream_t stream, cublasHandle_t handle) {
   check_int_range(T, B, I, H);
-  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+  set_stream(handle, stream);
   dispatch(dtype, act, [&](auto tag) {
     using scalar_t = typename decltype(tag)::scalar;
     rnn_forward<scalar_t, decltype(tag)::activation>(
@@ -524,7 +535,7 @@ void rnn_backward_cuda(void* dx, void* dh0, void* dw_ih, void* dw_hh, void* db, 
                        int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
                        cudaStream_t stream, cublasHandle_t handle) {
   check_int_range(T, B, I, H);
-  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+  set_stream(handle, stream);
   dispatch(dtype, act, [&](auto tag) {
     using scalar_t = typename decltype(tag)::scalar;
     rnn_backward<scalar_t, decltype(tag)::activation>(
