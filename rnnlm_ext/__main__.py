@@ -1,4 +1,6 @@
 """`python -m rnnlm_ext ...` is the `rnnlm` command."""
+import sys
+
 from rnnlm_ext.cli import main
 
-main()
+sys.exit(main())
