@@ -113,6 +113,8 @@ class RNNLM(nn.Module):
         self.h_o = nn.Linear(n_hidden, vocab_sz)
         if tie_weights:
             self.h_o.weight = self.i_h.weight
+            # N(0,1) embeddings, now also output weights, would start with huge logits
+            nn.init.uniform_(self.i_h.weight, -0.1, 0.1)
         self.num_layers, self.n_hidden = num_layers, n_hidden
         self.h: Optional[Tensor] = None  # [L,B,H]
 
