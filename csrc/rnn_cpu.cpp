@@ -12,6 +12,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -32,14 +36,6 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
-#ifdef RNNLM_EXT_X86
-// SLEEF's float64 vector tanh (max error 1.0 ulp), exported by libtorch_cpu on x86. Weak, as
-// above: absent, float64 takes the scalar std::tanh path.
-extern "C" {
-__attribute__((weak, target("avx2,fma"))) __m256d Sleef_tanhd4_u10avx2(__m256d);
-__attribute__((weak, target("avx512f"))) __m512d Sleef_tanhd8_u10avx512f(__m512d);
-}
-#endif
 
 namespace rnnlm_ext {
 namespace {
@@ -88,19 +84,61 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const sca
 }
 
 // ----------------------------------------------------------------------------------------
-// Pointwise passes over one step's [rows,H] block. The block is split across threads only
-// when it is large enough to pay for waking them.
+// The time loop across threads. Waking a thread pool for every step's small GEMM costs more
+// than the GEMM (an OpenMP fork/join per step, as a threaded BLAS call does), so the loop is
+// split once: each thread owns a slice [c0,c1) of the H hidden columns for the whole sequence,
+// computes its columns of every step with a single-threaded GEMM and the pointwise pass, and
+// meets the others at one barrier per step (the next step reads every column). This is the
+// CPU counterpart of the persistent GPU kernel.
 
-constexpr int64_t kParallelGrain = 1 << 15;  // elements per thread before splitting pays
+constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vector of floats
 
-template <typename F>
-void for_rows(int64_t rows, int64_t H, const F& f) {
-  if (rows * H < 2 * kParallelGrain) {
-    f(0, rows);
+// How many threads share the time loop: at least 32 columns each, and a step's GEMM
+// (min_work multiply-adds, B·H·H) large enough that the per-step barrier is small beside it.
+// The thresholds are measured (bench/bench_rnn.py, 2 cores): the forward gains from B·H·H =
+// 2^15 up; the backward, whose serial loop is cheaper, only from 2^20 (below, splitting it
+// cost 30% at T,B,H = 16,64,64).
+constexpr int64_t kForwardMinWork = int64_t(1) << 15;
+constexpr int64_t kBackwardMinWork = int64_t(1) << 20;
+
+int column_threads(int64_t B, int64_t H, int64_t min_work) {
+#ifdef _OPENMP
+  if (!have_blas<float>()) return 1;  // the ATen fallback GEMM is not for parallel regions
+  const int64_t by_columns = std::max<int64_t>(1, H / (2 * kColumnAlign));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), by_columns);
+  return B * H * H >= min_work ? int(threads) : 1;
+#else
+  return 1;
+#endif
+}
+
+// For k = 0 … T-1: before(k, c0, c1) on every thread's column slice, a barrier, then
+// after(k, c0, c1). Work that reads columns other threads wrote goes after the barrier.
+template <typename Before, typename After>
+void time_loop(int64_t T, int64_t H, int threads, const Before& before, const After& after) {
+  if (threads <= 1) {
+    for (int64_t k = 0; k < T; ++k) {
+      before(k, 0, H);
+      after(k, 0, H);
+    }
     return;
   }
-  at::parallel_for(0, rows, std::max<int64_t>(1, kParallelGrain / H), f);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t per = ((H + n - 1) / n + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    const int64_t c0 = std::min(H, id * per), c1 = std::min(H, c0 + per);
+    for (int64_t k = 0; k < T; ++k) {
+      if (c0 < c1) before(k, c0, c1);
+#pragma omp barrier
+      if (c0 < c1) after(k, c0, c1);
+    }
+  }
+#endif
 }
+
+constexpr auto kNothing = [](int64_t, int64_t, int64_t) {};
 
 enum class Isa { Scalar, Avx2, Avx512 };
 
@@ -119,9 +157,6 @@ const Isa kIsa = detect_isa();
 // the same vector code (masked, or via a padded copy) so that an element's value never
 // depends on its position in the row.
 #ifdef RNNLM_EXT_X86
-template <typename scalar_t>
-struct Simd;
-
 // float: tanh|x| = −expm1(−2|x|) / (2 + expm1(−2|x|)), with expm1 from a Cody–Waite range
 // reduction and a degree-8 Taylor polynomial: ≤ 2.5 ulp over all floats (checked against
 // float64 tanh on 2.2M points), about 3x faster here than SLEEF's 1-ulp call, and exact
@@ -134,8 +169,7 @@ struct Simd;
   constexpr float kC[7] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, \
                            1.f / 6, 0.5f};
 
-template <>
-struct Simd<float> {
+struct Simd {
   __attribute__((target("avx2,fma"))) static __m256 tanh8(__m256 x) {
     RNNLM_TANH_CONSTANTS
     const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
@@ -206,93 +240,58 @@ struct Simd<float> {
   }
 };
 
-// double: SLEEF's 1-ulp vector tanh from libtorch (float64 is for checking, not for speed).
-template <>
-struct Simd<double> {
-  __attribute__((target("avx2,fma"))) static void tanh_avx2(double* h, const double* b, int64_t n) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      __m256d v = _mm256_loadu_pd(h + j);
-      if (b) v = _mm256_add_pd(v, _mm256_loadu_pd(b + j));
-      _mm256_storeu_pd(h + j, Sleef_tanhd4_u10avx2(v));
-    }
-    if (j < n) {
-      alignas(32) double tmp[4] = {};
-      for (int64_t k = j; k < n; ++k) tmp[k - j] = b ? h[k] + b[k] : h[k];
-      _mm256_store_pd(tmp, Sleef_tanhd4_u10avx2(_mm256_load_pd(tmp)));
-      for (int64_t k = j; k < n; ++k) h[k] = tmp[k - j];
-    }
-  }
-  __attribute__((target("avx512f"))) static void tanh_avx512(double* h, const double* b, int64_t n) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      __m512d v = _mm512_loadu_pd(h + j);
-      if (b) v = _mm512_add_pd(v, _mm512_loadu_pd(b + j));
-      _mm512_storeu_pd(h + j, Sleef_tanhd8_u10avx512f(v));
-    }
-    if (j < n) {
-      const __mmask8 m = __mmask8((1u << (n - j)) - 1);
-      __m512d v = _mm512_maskz_loadu_pd(m, h + j);
-      if (b) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(m, b + j));
-      _mm512_mask_storeu_pd(h + j, m, Sleef_tanhd8_u10avx512f(v));
-    }
-  }
-};
 #endif
 
-#ifdef RNNLM_EXT_X86
-template <typename scalar_t>
-bool vector_tanh(Isa isa) {
-  if (std::is_same<scalar_t, float>::value) return true;
-  return isa == Isa::Avx512 ? Sleef_tanhd8_u10avx512f != nullptr : Sleef_tanhd4_u10avx2 != nullptr;
-}
-#endif
-
+// float32 goes through the vector code; float64 (for checking, not for speed) through std::tanh.
 template <typename scalar_t>
 void tanh_row(scalar_t* h, const scalar_t* b, int64_t n) {
 #ifdef RNNLM_EXT_X86
-  if (kIsa != Isa::Scalar && vector_tanh<scalar_t>(kIsa)) {
-    if (kIsa == Isa::Avx512) return Simd<scalar_t>::tanh_avx512(h, b, n);
-    return Simd<scalar_t>::tanh_avx2(h, b, n);
+  if (std::is_same<scalar_t, float>::value && kIsa != Isa::Scalar) {
+    auto* hf = reinterpret_cast<float*>(h);
+    const auto* bf = reinterpret_cast<const float*>(b);
+    if (kIsa == Isa::Avx512) return Simd::tanh_avx512(hf, bf, n);
+    return Simd::tanh_avx2(hf, bf, n);
   }
 #endif
   for (int64_t j = 0; j < n; ++j) h[j] = std::tanh(b ? h[j] + b[j] : h[j]);
 }
 
-// In the forward pass: h = act(h + b) over a [rows,H] block, in place (h holds the
-// pre-activation P_t + h_{t-1}·w_hhᵀ on entry). b may be nullptr.
+// In the forward pass: h = act(h + b) over a [rows,n] block with row stride ld, in place (h
+// holds the pre-activation P_t + h_{t-1}·w_hhᵀ on entry). b [n] may be nullptr.
 template <typename scalar_t>
-void bias_act_forward(scalar_t* h, const scalar_t* b, int64_t rows, int64_t H, Activation act) {
-  for_rows(rows, H, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      scalar_t* hr = h + r * H;
-      if (act == Activation::Tanh) {
-        tanh_row(hr, b, H);
-      } else if (b) {
-        for (int64_t j = 0; j < H; ++j) hr[j] = std::max(hr[j] + b[j], scalar_t(0));
-      } else {
-        for (int64_t j = 0; j < H; ++j) hr[j] = std::max(hr[j], scalar_t(0));
-      }
+void bias_act_forward(scalar_t* h, const scalar_t* b, int64_t rows, int64_t n, int64_t ld,
+                      Activation act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* hr = h + r * ld;
+    if (act == Activation::Tanh) {
+      tanh_row(hr, b, n);
+    } else if (b) {
+      for (int64_t j = 0; j < n; ++j) hr[j] = std::max(hr[j] + b[j], scalar_t(0));
+    } else {
+      for (int64_t j = 0; j < n; ++j) hr[j] = std::max(hr[j], scalar_t(0));
     }
-  });
+  }
 }
 
 // In the forward pass this was h = act(z), so now dz = (carry + dout) ⊙ act'(h), with act'
-// taken from the saved output h: tanh' = 1 − h², relu' = [h > 0]. dz holds the carried
-// gradient dz_{t+1}·w_hh on entry when `carry` is true, and is overwritten.
+// taken from the saved output h: tanh' = 1 − h², relu' = [h > 0]. Over a [rows,n] block with
+// row stride ld; dz holds the carried gradient dz_{t+1}·w_hh on entry when `carry` is true,
+// and is overwritten.
 template <typename scalar_t>
 void act_backward(scalar_t* dz, const scalar_t* dout, const scalar_t* h, bool carry, int64_t rows,
-                  int64_t H, Activation act) {
-  for_rows(rows, H, [&](int64_t r0, int64_t r1) {
-    const int64_t begin = r0 * H, end = r1 * H;
+                  int64_t n, int64_t ld, Activation act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* dzr = dz + r * ld;
+    const scalar_t* doutr = dout + r * ld;
+    const scalar_t* hr = h + r * ld;
     if (act == Activation::Tanh) {
-      for (int64_t k = begin; k < end; ++k)
-        dz[k] = ((carry ? dz[k] : scalar_t(0)) + dout[k]) * (scalar_t(1) - h[k] * h[k]);
+      for (int64_t j = 0; j < n; ++j)
+        dzr[j] = ((carry ? dzr[j] : scalar_t(0)) + doutr[j]) * (scalar_t(1) - hr[j] * hr[j]);
     } else {
-      for (int64_t k = begin; k < end; ++k)
-        dz[k] = h[k] > scalar_t(0) ? (carry ? dz[k] : scalar_t(0)) + dout[k] : scalar_t(0);
+      for (int64_t j = 0; j < n; ++j)
+        dzr[j] = hr[j] > scalar_t(0) ? (carry ? dzr[j] : scalar_t(0)) + doutr[j] : scalar_t(0);
     }
-  });
+  }
 }
 
 }  // namespace
@@ -303,8 +302,8 @@ const char* cpu_gemm_backend() {
 
 const char* cpu_activation_backend() {
   switch (kIsa) {
-    case Isa::Avx512: return "avx512 (tanh: own float32 kernel, SLEEF float64)";
-    case Isa::Avx2: return "avx2 (tanh: own float32 kernel, SLEEF float64)";
+    case Isa::Avx512: return "avx512 (float32 tanh vectorised)";
+    case Isa::Avx2: return "avx2 (float32 tanh vectorised)";
     default: return "scalar (std::tanh)";
   }
 }
@@ -319,13 +318,14 @@ void rnn_forward_cpu(scalar_t* out, const scalar_t* x, const scalar_t* h0, const
   const int64_t BH = B * H;
   // P = x·w_ihᵀ for all T·B rows at once, written straight into out: [T·B,I]·[I,H] -> [T·B,H]
   gemm<scalar_t>(false, true, T * B, H, I, x, I, w_ih, I, 0, out, H);
-  for (int64_t s = 0; s < T; ++s) {
+  time_loop(T, H, column_threads(B, H, kForwardMinWork), [&](int64_t s, int64_t c0, int64_t c1) {
     const int64_t t = reverse ? T - 1 - s : s;
     const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
-    scalar_t* h = out + t * BH;                                                     // [B,H]
-    gemm<scalar_t>(false, true, B, H, H, h_prev, H, w_hh, H, 1, h, H);  // h += h_prev·w_hhᵀ
-    bias_act_forward(h, b, B, H, act);
-  }
+    scalar_t* h = out + t * BH + c0;                                  // [B,c1-c0], row stride H
+    // h += h_prev·w_hh[c0:c1]ᵀ: this thread's columns of the step, from all of h_prev
+    gemm<scalar_t>(false, true, B, c1 - c0, H, h_prev, H, w_hh + c0 * H, H, 1, h, H);
+    bias_act_forward(h, b ? b + c0 : nullptr, B, c1 - c0, H, act);
+  }, kNothing);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -339,17 +339,24 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   const int64_t BH = B * H;
   // Reverse of the forward's step order. The step after t in forward order is `next`; the
   // step before it is `prev` (its h_{t-1}), which is h0 for the first step.
-  for (int64_t s = T - 1; s >= 0; --s) {
+  // Each thread owns columns [c0,c1) of every dz_t: it finishes them (act'), waits for the
+  // others, then writes its columns of the previous step's carry from all of dz_t.
+  time_loop(T, H, column_threads(B, H, kBackwardMinWork), [&](int64_t k, int64_t c0, int64_t c1) {
+    const int64_t s = T - 1 - k;
     const int64_t t = reverse ? T - 1 - s : s;
     // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so dz_t = dh_t ⊙ act'(h_t)
     // with dh_t = dout_t + dz_{t+1}·w_hh (the carry, already in dz_t except at the last step)
-    act_backward(dz + t * BH, dout + t * BH, out + t * BH, s != T - 1, B, H, act);
-    if (s > 0) {
-      const int64_t prev = reverse ? t + 1 : t - 1;
-      // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh into the previous step's slot
-      gemm<scalar_t>(false, false, B, H, H, dz + t * BH, H, w_hh, H, 0, dz + prev * BH, H);
-    }
-  }
+    const int64_t at = t * BH + c0;
+    act_backward(dz + at, dout + at, out + at, s != T - 1, B, c1 - c0, H, act);
+  }, [&](int64_t k, int64_t c0, int64_t c1) {
+    const int64_t s = T - 1 - k;
+    if (s == 0) return;
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh[:, c0:c1] into the previous step's slot
+    gemm<scalar_t>(false, false, B, c1 - c0, H, dz + t * BH, H, w_hh + c0, H, 0,
+                   dz + prev * BH + c0, H);
+  });
   const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
   if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
 

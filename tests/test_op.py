@@ -183,3 +183,35 @@ def test_memory_stays_flat_over_10000_calls():
     grown = rss_bytes() - before
     # each call allocates ~4 KB of tensors: a leak of one per call would be ~40 MB
     assert grown < 4 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 10,000 calls"
+
+
+def test_float32_tanh_within_3_ulp_and_nan_kept():
+    """The kernel's own vectorised float32 tanh (T=1, w_ih=1, w_hh=0: out = tanh(x)) against
+    float64 tanh, over a sweep that covers the small-|x| and saturated ranges."""
+    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.logspace(-30, 1, 10_001), -torch.logspace(-30, 1, 10_001)])
+    x = torch.cat([x, torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf")])])
+    B = x.numel()
+    out = ops.rnn_layer(x.view(1, B, 1), torch.zeros(B, 1), torch.ones(1, 1), torch.zeros(1, 1), None, "tanh")[0, :, 0]
+    expected = torch.tanh(x.double())
+    finite = ~x.isnan()
+    ulp = torch.finfo(torch.float32).eps * expected[finite].abs().clamp_min(torch.finfo(torch.float32).tiny)
+    err = ((out[finite].double() - expected[finite]).abs() / ulp).max().item()
+    assert err <= 3, f"float32 tanh is {err:.2f} ulp off"
+    assert out[x.isnan()].isnan().all(), "a NaN pre-activation must stay NaN"
+    assert torch.equal(out[-2:], torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_time_loop_split_across_threads(threads, dtype):
+    """The time loop shares hidden columns between threads (uneven slices when H is not a
+    multiple of the slice width): the same numbers as the reference whatever the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for reverse in (False, True):
+            # B·H·H above the forward's and the backward's thresholds (2^15, 2^20)
+            _test_correctness("cpu", dtype, 4, 110, 7, 100, "tanh", reverse, True)
+            _test_correctness("cpu", dtype, 5, 150, 9, 90, "relu", reverse, False)
+    finally:
+        torch.set_num_threads(previous)
