@@ -1,0 +1,35 @@
+"""The layer benchmark runs end to end, writes its results, and refuses wrong numbers."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rnnlm_ext import RNN, bench
+
+
+def test_bench_writes_table_json_and_plot(tmp_path, capsys):
+    rows = bench.main(["--shapes", "3,2,4;2,1,5", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert len(rows) == 2 * 2 * 2  # shapes x nonlinearities x (fwd+bwd, fwd)
+    for r in rows:
+        assert set(r.ms) == {"rnnlm_ext", "nn.RNN", "python loop"}
+        assert all(ms > 0 for ms in r.ms.values()) and r.floor_ms > 0
+    saved = json.loads((tmp_path / "rnn_cpu.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["meta"]["threads"] == torch.get_num_threads()
+    assert (tmp_path / "rnn_cpu.png").stat().st_size > 0
+    assert "| tanh | fwd+bwd | float32 | 3 | 2 | 4 |" in capsys.readouterr().out
+
+
+def test_check_refuses_an_implementation_that_disagrees():
+    torch.manual_seed(0)
+    theirs, ours = nn.RNN(4, 5, dtype=torch.float64), RNN(4, 5, dtype=torch.float64)  # different weights
+    x, h0, dout = torch.randn(3, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 5, dtype=torch.float64), None
+    with pytest.raises(AssertionError, match="output differs from nn.RNN's"):
+        bench.check(theirs, ours, x, h0, dout, 1e-9, False, "test")
+    ours.load_state_dict(theirs.state_dict())
+    bench.check(theirs, ours, x, h0, torch.randn(3, 2, 5, dtype=torch.float64), 1e-9, True, "test")
+
+
+def test_bad_shapes_flag_is_refused():
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "3,x,4"])
