@@ -57,7 +57,9 @@ def cublas_paths() -> tuple:
 
 
 def extension():
-    cxx_flags = ["-O3", CXX_STD]
+    # -fno-trapping-math, as torch builds itself: without it GCC keeps a select such as the relu
+    # backward's `h > 0 ? g : 0` as a branch (a compare may trap), and will not vectorise it.
+    cxx_flags = ["-O3", "-fno-trapping-math", CXX_STD]
     openmp_link = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for inside the kernels

@@ -281,15 +281,23 @@ template <typename scalar_t>
 void act_backward(scalar_t* dz, const scalar_t* dout, const scalar_t* h, bool carry, int64_t rows,
                   int64_t n, int64_t ld, Activation act) {
   for (int64_t r = 0; r < rows; ++r) {
-    scalar_t* dzr = dz + r * ld;
-    const scalar_t* doutr = dout + r * ld;
-    const scalar_t* hr = h + r * ld;
-    if (act == Activation::Tanh) {
-      for (int64_t j = 0; j < n; ++j)
-        dzr[j] = ((carry ? dzr[j] : scalar_t(0)) + doutr[j]) * (scalar_t(1) - hr[j] * hr[j]);
+    scalar_t* __restrict__ dzr = dz + r * ld;
+    const scalar_t* __restrict__ doutr = dout + r * ld;
+    const scalar_t* __restrict__ hr = h + r * ld;
+    // Vectorised, branch-free loops (setup.py's -fno-trapping-math lets GCC turn the relu
+    // select into a vector compare-and-mask; as a branch on h > 0, mispredicted half the
+    // time, the relu backward loop ran 4x slower than tanh's).
+    if (act == Activation::Tanh && carry) {
+      for (int64_t j = 0; j < n; ++j) dzr[j] = (dzr[j] + doutr[j]) * (scalar_t(1) - hr[j] * hr[j]);
+    } else if (act == Activation::Tanh) {
+      for (int64_t j = 0; j < n; ++j) dzr[j] = doutr[j] * (scalar_t(1) - hr[j] * hr[j]);
+    } else if (carry) {
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t g = dzr[j] + doutr[j];
+        dzr[j] = hr[j] > scalar_t(0) ? g : scalar_t(0);
+      }
     } else {
-      for (int64_t j = 0; j < n; ++j)
-        dzr[j] = hr[j] > scalar_t(0) ? (carry ? dzr[j] : scalar_t(0)) + doutr[j] : scalar_t(0);
+      for (int64_t j = 0; j < n; ++j) dzr[j] = hr[j] > scalar_t(0) ? doutr[j] : scalar_t(0);
     }
   }
 }
