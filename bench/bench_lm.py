@@ -219,6 +219,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `rnnlm train` does (see cli.py)
     os.makedirs(args.out, exist_ok=True)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     sections = args.sections.split(",")
