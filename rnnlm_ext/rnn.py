@@ -20,8 +20,6 @@ from rnnlm_ext import reference
 
 try:
     from rnnlm_ext.ops import rnn_layer as _layer
-
-    FUSED = True
 except ImportError as err:  # the package was not built: stay usable, loudly
     warnings.warn(
         f"rnnlm_ext: the compiled extension is not available ({err}); rnnlm_ext.RNN falls back "
@@ -30,7 +28,6 @@ except ImportError as err:  # the package was not built: stay usable, loudly
         stacklevel=2,
     )
     _layer = reference.rnn_layer
-    FUSED = False
 
 
 class RNN(nn.Module):

@@ -1,4 +1,7 @@
 """rnnlm_ext.RNN as a drop-in for torch.nn.RNN: outputs, gradients, state_dict, API, errors."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -249,3 +252,25 @@ def test_bad_constructor_arguments(kwargs, message):
     args = {"input_size": 4, "hidden_size": 6, **kwargs}
     with pytest.raises(ValueError, match=message):
         RNN(**args)
+
+
+def test_falls_back_to_the_reference_with_a_warning_when_the_extension_is_missing():
+    """An unbuilt package still works (slowly) and says so, instead of failing at import."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['rnnlm_ext._C'] = None  # what an unbuilt source tree looks like to import\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch\n"
+        "    from rnnlm_ext import RNN, rnn, reference\n"
+        "assert rnn._layer is reference.rnn_layer\n"
+        "assert any('falls back to the pure-PyTorch reference' in str(w.message) for w in caught), caught\n"
+        "torch.manual_seed(0)\n"
+        "ours = RNN(3, 4, num_layers=2, dtype=torch.float64)\n"
+        "theirs = torch.nn.RNN(3, 4, num_layers=2, dtype=torch.float64)\n"
+        "theirs.load_state_dict(ours.state_dict())\n"
+        "x = torch.randn(5, 2, 3, dtype=torch.float64)\n"
+        "assert (ours(x)[0] - theirs(x)[0]).abs().max() < 1e-12\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
