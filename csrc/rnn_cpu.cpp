@@ -345,10 +345,10 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
                       const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
                       int64_t B, int64_t I, int64_t H, Activation act, bool reverse) {
   const int64_t BH = B * H;
-  // Reverse of the forward's step order. The step after t in forward order is `next`; the
-  // step before it is `prev` (its h_{t-1}), which is h0 for the first step.
-  // Each thread owns columns [c0,c1) of every dz_t: it finishes them (act'), waits for the
-  // others, then writes its columns of the previous step's carry from all of dz_t.
+  // The forward's steps in reverse order (k counts them; s is the forward's step number, t
+  // the time index; `prev` is the step whose output was this step's h_{t-1}). Each thread owns
+  // columns [c0,c1) of every dz_t: it finishes them (act'), waits for the others, then writes
+  // its columns of the previous step's carry from all of dz_t.
   time_loop(T, H, column_threads(B, H, kBackwardMinWork), [&](int64_t k, int64_t c0, int64_t c1) {
     const int64_t s = T - 1 - k;
     const int64_t t = reverse ? T - 1 - s : s;
