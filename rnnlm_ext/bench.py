@@ -240,9 +240,12 @@ def plot(rows: List[Row], path: str) -> bool:
 
 def parse_shapes(text: str):
     try:
-        return [tuple(int(v) for v in s.split(",")) for s in text.split(";") if s.strip()]
+        shapes = [tuple(int(v) for v in s.split(",")) for s in text.split(";") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes takes 'T,B,H;T,B,H;...', got {text!r}") from None
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"--shapes takes 'T,B,H;T,B,H;...' (positive integers), got {text!r}")
+    return shapes
 
 
 def main(argv=None) -> List[Row]:

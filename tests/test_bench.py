@@ -30,6 +30,8 @@ def test_check_refuses_an_implementation_that_disagrees():
     bench.check(theirs, ours, x, h0, torch.randn(3, 2, 5, dtype=torch.float64), 1e-9, True, "test")
 
 
-def test_bad_shapes_flag_is_refused():
-    with pytest.raises(SystemExit):
-        bench.main(["--shapes", "3,x,4"])
+@pytest.mark.parametrize("shapes", ["3,x,4", "3,2", "3,0,4", ""])
+def test_bad_shapes_flag_is_refused(shapes, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--shapes", shapes])
+    assert exit_.value.code == 2 and "--shapes takes 'T,B,H" in capsys.readouterr().err
