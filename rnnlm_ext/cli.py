@@ -69,11 +69,15 @@ def generate(model, vocab: data.Vocab, level: str, prompt: str, n_tokens: int, t
     tokens = list(prompt) if level == "char" else prompt.split()
     if not tokens:
         raise ValueError("--prompt must hold at least one token")
+    # LMModel1 reads exactly its first three tokens: give it the last three, not the first
+    context = 3 if type(model) is models.LMModel1 else len(tokens)
+    if len(tokens) < context:
+        raise ValueError(f"--prompt must hold at least {context} tokens for lmmodel1, got {len(tokens)}")
     ids = vocab.encode(tokens)  # [N]
     gen = torch.Generator().manual_seed(seed)
     stateful = hasattr(model, "reset")
     models.reset_state(model)
-    x = ids[None]  # [1,N]
+    x = ids[None, -context:]  # [1,N] (the last three for LMModel1)
     out = []
     for _ in range(n_tokens):
         logits = model(x)
@@ -118,7 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             model, vocab, cfg = model_from_checkpoint(load_checkpoint(args.checkpoint))
             print(generate(model, vocab, cfg.level, args.prompt, args.tokens, args.temperature, args.seed))
     except (ValueError, FileNotFoundError, KeyError, TrainingError) as err:
-        print(f"rnnlm {args.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message; an OSError's args[0] is its errno
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"rnnlm {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -79,8 +79,11 @@ def _read_documents(path: str) -> List[str]:
         raise FileNotFoundError(f"--dataset: no such file or folder: {path!r}")
     docs = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            docs.append(fh.read())
+        try:
+            with open(f, encoding="utf-8") as fh:
+                docs.append(fh.read())
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--dataset: {f!r} is not UTF-8 text ({err})") from None
     return docs
 
 

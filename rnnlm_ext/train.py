@@ -256,8 +256,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     valid_rows = data.batchify(corpus.valid, cfg.bs * world, "valid")[rank * cfg.bs : (rank + 1) * cfg.bs]
     drop_last = cfg.model == "lmmodel1"  # it reads exactly bptt tokens; the others take the shorter last batch
     n_batches = data.num_batches(train_rows, cfg.bptt, drop_last)
-    if n_batches == 0:
-        raise ValueError(f"--bptt {cfg.bptt} is longer than a train row ({train_rows.shape[1]} tokens at --bs {cfg.bs})")
+    for name, rows in (("train", train_rows), ("valid", valid_rows)):
+        if data.num_batches(rows, cfg.bptt, drop_last) == 0:
+            raise ValueError(f"--bptt {cfg.bptt} is longer than a {name} row ({rows.shape[1]} tokens at --bs {cfg.bs})")
+    if cfg.json and rank == 0 and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.json))):
+        raise ValueError(f"--json: the folder of {cfg.json!r} does not exist")  # before training, not after
 
     model = models.build_model(cfg.model, len(corpus.vocab), cfg.hidden, cfg.layers, cfg.nonlinearity,
                                cfg.dropout, cfg.tie_weights, RNN_CLASSES[cfg.rnn])
@@ -328,10 +331,13 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
                 value = loss.item()
                 # every process must see the same verdict, or the others would wait forever in backward
                 if not math.isfinite(_all_reduce_sum([value])[0]):
-                    where = f"a checkpoint is in {cfg.save}" if cfg.save else "no checkpoint was asked for (--save)"
+                    where = ("no checkpoint was asked for (--save)" if not cfg.save else
+                             f"the checkpoint in {cfg.save} is left as it was"
+                             if os.path.isfile(os.path.join(cfg.save, CHECKPOINT))
+                             else f"no checkpoint was written to {cfg.save} yet")
                     raise TrainingError(
                         f"loss is {value} at epoch {epoch + 1}, batch {k + 1}: training stopped "
-                        f"({where}, left as it was). Try a lower --lr or a smaller --clip.")
+                        f"({where}). Try a lower --lr or a smaller --clip.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip:
@@ -348,8 +354,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
                 stop_now = stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after)
                 if not last and (stop_now or (cfg.save_every and step % cfg.save_every == 0)):
                     running["time"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
                     checkpoint(epoch, k + 1, running)
+                    t0 = time.perf_counter()  # the save is not training time (nor is the end-of-epoch one)
                 if stop_now and not last:
                     stopped = step
                     break

@@ -82,3 +82,33 @@ def test_bench_is_the_kernel_benchmark(capsys):
         main(["bench", "--help"])
     assert exit_.value.code == 0
     assert "usage: rnnlm bench" in capsys.readouterr().out
+
+
+def test_lmmodel1_generates_from_the_last_three_tokens():
+    """LMModel1 reads exactly three tokens: the context is the prompt's last three, then the last three generated."""
+    import torch
+
+    from rnnlm_ext import data, models
+    from rnnlm_ext.cli import generate
+
+    torch.manual_seed(0)
+    vocab = data.load_corpus("human-numbers").vocab
+    model = models.LMModel1(len(vocab), 16).eval()
+    prompt = "seven . eight . nine"
+    ids = vocab.encode(prompt.split()).tolist()
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids[-3:]])).argmax()))
+    assert generate(model, vocab, "word", prompt, 5, temperature=0).split() == vocab.decode(ids)
+    with pytest.raises(ValueError, match="--prompt must hold at least 3 tokens for lmmodel1"):
+        generate(model, vocab, "word", "one .", 5)
+
+
+def test_bad_files_and_paths_are_named_not_an_errno(tmp_path, capsys):
+    (tmp_path / "binary.txt").write_bytes(b"abc\xff\xfe\x00def")
+    assert main(["train", *TINY, "--dataset", str(tmp_path / "binary.txt")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"--dataset: .*binary.txt' is not UTF-8 text", err), err
+    assert main(["train", *TINY, "--stop-after", "1", "--json", str(tmp_path / "no" / "r.json")]) == 1
+    err = capsys.readouterr().err
+    assert "--json: the folder of" in err and "does not exist" in err, err

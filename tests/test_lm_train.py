@@ -96,3 +96,36 @@ def test_two_processes_stay_in_sync(tmp_path):
     # 50,476 train tokens cut into 2 x 16 rows: 1,577 tokens a row, 1,576 inputs, each read once
     assert result["epochs"][0]["train_tokens"] == 32 * 1576
     assert proc.stdout.count("final:") == 1  # only rank 0 reports
+
+
+def test_tokens_per_s_leaves_out_mid_epoch_checkpoint_writes(tmp_path, monkeypatch):
+    """Each save moves the clock on by 100 s: none of it may count as training time."""
+    import time
+
+    from rnnlm_ext import train as train_module
+
+    real_save, real_clock, skipped = train_module._atomic_save, time.perf_counter, [0.0]
+
+    def slow_save(obj, folder):
+        real_save(obj, folder)
+        skipped[0] += 100.0
+
+    monkeypatch.setattr(train_module, "_atomic_save", slow_save)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])
+    cfg = TrainConfig(hidden=8, layers=1, epochs=1, progress=False, save=str(tmp_path / "run"), save_every=10)
+    epoch = train(cfg, log=quiet)["epochs"][0]  # 50 batches: 4 mid-epoch saves
+    assert epoch["train_time"] < 50, epoch["train_time"]
+    assert epoch["tokens_per_s"] == epoch["train_tokens"] / epoch["train_time"]
+
+
+def test_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint was written to .* yet"):
+        train(TrainConfig(**{**SMALL, "epochs": 1}, lr=1e12, clip=0, save=str(tmp_path / "run")), log=quiet)
+
+
+def test_lmmodel1_with_a_valid_stream_too_short_for_one_batch_is_a_clear_error(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["a", "b", "c", "d"] * 25))  # 101 tokens: 20 valid, rows of 2 at --bs 8
+    with pytest.raises(ValueError, match="--bptt 3 is longer than a valid row"):
+        train(TrainConfig(dataset=str(text), model="lmmodel1", bptt=3, bs=8, hidden=8, layers=1, epochs=1,
+                          progress=False), log=quiet)
