@@ -259,8 +259,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
         if data.num_batches(rows, cfg.bptt, drop_last) == 0:
             raise ValueError(f"--bptt {cfg.bptt} is longer than a {name} row ({rows.shape[1]} tokens at --bs {cfg.bs})")
-    if cfg.json and rank == 0 and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.json))):
-        raise ValueError(f"--json: the folder of {cfg.json!r} does not exist")  # before training, not after
+    if cfg.json and rank == 0:  # make its folder now, as --save does: a bad path fails before training
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--json: cannot make the folder of {cfg.json!r} ({err.strerror})") from None
 
     model = models.build_model(cfg.model, len(corpus.vocab), cfg.hidden, cfg.layers, cfg.nonlinearity,
                                cfg.dropout, cfg.tie_weights, RNN_CLASSES[cfg.rnn])

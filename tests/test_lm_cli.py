@@ -109,6 +109,10 @@ def test_bad_files_and_paths_are_named_not_an_errno(tmp_path, capsys):
     assert main(["train", *TINY, "--dataset", str(tmp_path / "binary.txt")]) == 1
     err = capsys.readouterr().err
     assert re.search(r"--dataset: .*binary.txt' is not UTF-8 text", err), err
-    assert main(["train", *TINY, "--stop-after", "1", "--json", str(tmp_path / "no" / "r.json")]) == 1
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", *TINY, "--stop-after", "1", "--json", str(tmp_path / "a_file" / "r.json")]) == 1
     err = capsys.readouterr().err
-    assert "--json: the folder of" in err and "does not exist" in err, err
+    assert "--json: cannot make the folder of" in err, err
+    # a folder that does not exist yet is made, as for --save
+    assert main(["train", *TINY, "--stop-after", "1", "--json", str(tmp_path / "new" / "r.json")]) == 0
+    assert (tmp_path / "new" / "r.json").exists()
