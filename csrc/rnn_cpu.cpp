@@ -19,6 +19,9 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define RNNLM_EXT_X86 1
@@ -34,6 +37,19 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+
+// MKL's packed GEMM (exported by libtorch on the MKL builds; weak like the above, so a torch
+// with another BLAS runs the per-step GEMMs through sgemm_ instead). The enum values are
+// MKL's cblas ones: row-major 101, no-transpose 111, transpose 112, the B operand 162, and
+// 151 for "this operand is packed".
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+// MKL's per-thread override of its thread count; returns the previous one (0: none set).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 
@@ -83,6 +99,44 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const sca
   c.addmm_(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, scalar_t(1));
 }
 
+// The per-step GEMM of the time loop, C[M,N] = A[M,K]·op(W) + beta·C, with the same weight
+// operand W (a thread's slice of w_hh) at every step. MKL's sgemm_ repacks W into its
+// blocked panel layout on every call; packing it once per sequence and calling the packed
+// compute each step saves that: single-threaded on this project's Xeon, a 32×64×128 step
+// went from 4.9 to 3.4 µs and a 64×512×1024 one from 555 to 401 µs (151–167 GFLOP/s, about
+// one core's matmul rate). float64 and BLAS without packing call gemm() every step.
+template <typename scalar_t>
+class StepGemm {
+ public:
+  void prepare(bool trans_w, int64_t M, int64_t N, int64_t K, const scalar_t* W, int64_t ldw) {
+    trans_w_ = trans_w, M_ = M, N_ = N, K_ = K, W_ = W, ldw_ = ldw;
+    if (!std::is_same<scalar_t, float>::value || !cblas_sgemm_pack_get_size ||
+        !cblas_sgemm_pack || !cblas_sgemm_compute || std::max({M, N, K, ldw}) > INT_MAX)
+      return;
+    const size_t bytes = cblas_sgemm_pack_get_size(kB, int(M), int(N), int(K));
+    packed_.reset(static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+    if (!packed_) return;
+    cblas_sgemm_pack(kRowMajor, kB, trans_w ? kTrans : kNoTrans, int(M), int(N), int(K), 1.0f,
+                     reinterpret_cast<const float*>(W), int(ldw), packed_.get());
+  }
+  void operator()(const scalar_t* A, int64_t lda, scalar_t beta, scalar_t* C, int64_t ldc) const {
+    if (!packed_) return gemm<scalar_t>(false, trans_w_, M_, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
+    cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(M_), int(N_), int(K_),
+                        reinterpret_cast<const float*>(A), int(lda), packed_.get(), int(ldw_),
+                        float(beta), reinterpret_cast<float*>(C), int(ldc));
+  }
+
+ private:
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kB = 162, kPacked = 151;
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  bool trans_w_ = false;
+  int64_t M_ = 0, N_ = 0, K_ = 0, ldw_ = 0;
+  const scalar_t* W_ = nullptr;
+  std::unique_ptr<float, Free> packed_;
+};
+
 // ----------------------------------------------------------------------------------------
 // The time loop across threads. Waking a thread pool for every step's small GEMM costs more
 // than the GEMM (an OpenMP fork/join per step, as a threaded BLAS call does), so the loop is
@@ -93,33 +147,61 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const sca
 
 constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vector of floats
 
-// How many threads share the time loop: at least 32 columns each, and a step's GEMM
-// (min_work multiply-adds, B·H·H) large enough that the per-step barrier is small beside it.
-// The thresholds are measured (bench/bench_rnn.py, 2 cores): the forward gains from B·H·H =
-// 2^15 up; the backward, whose serial loop is cheaper, only from 2^20 (below, splitting it
-// cost 30% at T,B,H = 16,64,64).
-constexpr int64_t kForwardMinWork = int64_t(1) << 15;
-constexpr int64_t kBackwardMinWork = int64_t(1) << 20;
+// How many threads share the time loop: at least 32 columns each, and a step's GEMM (B·H·H
+// multiply-adds) large enough that the per-step barrier is small beside it. Measured with
+// the packed step GEMM (2 cores, each loop alone): from B·H·H = 2^19 up (T,B,H = 256,32,128)
+// the forward is 7% faster split and the backward the same; at 2^18 (16,64,64) one thread
+// is 10-15% faster in both.
+constexpr int64_t kMinSplitWork = int64_t(1) << 19;
 
-int column_threads(int64_t B, int64_t H, int64_t min_work) {
+int column_threads(int64_t B, int64_t H) {
 #ifdef _OPENMP
   if (!have_blas<float>()) return 1;  // the ATen fallback GEMM is not for parallel regions
   const int64_t by_columns = std::max<int64_t>(1, H / (2 * kColumnAlign));
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), by_columns);
-  return B * H * H >= min_work ? int(threads) : 1;
+  return B * H * H >= kMinSplitWork ? int(threads) : 1;
 #else
   return 1;
 #endif
 }
 
-// For k = 0 … T-1: before(k, c0, c1) on every thread's column slice, a barrier, then
-// after(k, c0, c1). Work that reads columns other threads wrote goes after the barrier.
-template <typename Before, typename After>
-void time_loop(int64_t T, int64_t H, int threads, const Before& before, const After& after) {
+// While alive, MKL runs the calling thread's BLAS calls on that thread alone. A loop left on
+// one thread is one whose steps are too small to share, and MKL would otherwise fork and
+// join its own threads inside every step's GEMM: at T,B,H = 16,64,64 that made the forward
+// 11% and the backward 13% slower. A no-op on a BLAS other than MKL.
+class OneBlasThread {
+ public:
+  OneBlasThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : -1) {}
+  ~OneBlasThread() {
+    if (previous_ >= 0) MKL_Set_Num_Threads_Local(previous_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int previous_;
+};
+
+// One thread's share of the time loop: thread `id` owns hidden columns [c0,c1).
+struct Slice {
+  int id;
+  int64_t c0, c1;
+  int64_t size() const { return c1 - c0; }
+};
+
+// prepare(slice) once on every thread, then for k = 0 … T-1: before(k, slice) on every
+// thread, a barrier, then after(k, slice). Work that reads columns other threads wrote goes
+// after the barrier. Threads whose slice is empty (H too small for all of them) only wait.
+template <typename Prepare, typename Before, typename After>
+void time_loop(int64_t T, int64_t H, int threads, const Prepare& prepare, const Before& before,
+               const After& after) {
   if (threads <= 1) {
+    const Slice all{0, 0, H};
+    const OneBlasThread one_blas_thread;
+    prepare(all);
     for (int64_t k = 0; k < T; ++k) {
-      before(k, 0, H);
-      after(k, 0, H);
+      before(k, all);
+      after(k, all);
     }
     return;
   }
@@ -129,16 +211,18 @@ void time_loop(int64_t T, int64_t H, int threads, const Before& before, const Af
     const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t per = ((H + n - 1) / n + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
     const int64_t c0 = std::min(H, id * per), c1 = std::min(H, c0 + per);
+    const Slice mine{int(id), c0, c1};
+    if (c0 < c1) prepare(mine);
     for (int64_t k = 0; k < T; ++k) {
-      if (c0 < c1) before(k, c0, c1);
+      if (c0 < c1) before(k, mine);
 #pragma omp barrier
-      if (c0 < c1) after(k, c0, c1);
+      if (c0 < c1) after(k, mine);
     }
   }
 #endif
 }
 
-constexpr auto kNothing = [](int64_t, int64_t, int64_t) {};
+constexpr auto kNothing = [](int64_t, const Slice&) {};
 
 enum class Isa { Scalar, Avx2, Avx512 };
 
@@ -326,13 +410,17 @@ void rnn_forward_cpu(scalar_t* out, const scalar_t* x, const scalar_t* h0, const
   const int64_t BH = B * H;
   // P = x·w_ihᵀ for all T·B rows at once, written straight into out: [T·B,I]·[I,H] -> [T·B,H]
   gemm<scalar_t>(false, true, T * B, H, I, x, I, w_ih, I, 0, out, H);
-  time_loop(T, H, column_threads(B, H, kForwardMinWork), [&](int64_t s, int64_t c0, int64_t c1) {
+  const int threads = column_threads(B, H);
+  std::vector<StepGemm<scalar_t>> step_gemm(threads);
+  time_loop(T, H, threads, [&](const Slice& slice) {
+    // this thread's step: h_prev[B,H]·w_hh[c0:c1]ᵀ, w_hh's rows c0…c1 packed once
+    step_gemm[slice.id].prepare(true, B, slice.size(), H, w_hh + slice.c0 * H, H);
+  }, [&](int64_t s, const Slice& slice) {
     const int64_t t = reverse ? T - 1 - s : s;
     const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
-    scalar_t* h = out + t * BH + c0;                                  // [B,c1-c0], row stride H
-    // h += h_prev·w_hh[c0:c1]ᵀ: this thread's columns of the step, from all of h_prev
-    gemm<scalar_t>(false, true, B, c1 - c0, H, h_prev, H, w_hh + c0 * H, H, 1, h, H);
-    bias_act_forward(h, b ? b + c0 : nullptr, B, c1 - c0, H, act);
+    scalar_t* h = out + t * BH + slice.c0;                        // [B,c1-c0], row stride H
+    step_gemm[slice.id](h_prev, H, 1, h, H);  // h += h_prev·w_hh[c0:c1]ᵀ
+    bias_act_forward(h, b ? b + slice.c0 : nullptr, B, slice.size(), H, act);
   }, kNothing);
 }
 
@@ -349,21 +437,25 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   // the time index; `prev` is the step whose output was this step's h_{t-1}). Each thread owns
   // columns [c0,c1) of every dz_t: it finishes them (act'), waits for the others, then writes
   // its columns of the previous step's carry from all of dz_t.
-  time_loop(T, H, column_threads(B, H, kBackwardMinWork), [&](int64_t k, int64_t c0, int64_t c1) {
+  const int threads = column_threads(B, H);
+  std::vector<StepGemm<scalar_t>> step_gemm(threads);
+  time_loop(T, H, threads, [&](const Slice& slice) {
+    // this thread's carry: dz_t[B,H]·w_hh[:, c0:c1], w_hh's columns c0…c1 packed once
+    step_gemm[slice.id].prepare(false, B, slice.size(), H, w_hh + slice.c0, H);
+  }, [&](int64_t k, const Slice& slice) {
     const int64_t s = T - 1 - k;
     const int64_t t = reverse ? T - 1 - s : s;
     // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so dz_t = dh_t ⊙ act'(h_t)
     // with dh_t = dout_t + dz_{t+1}·w_hh (the carry, already in dz_t except at the last step)
-    const int64_t at = t * BH + c0;
-    act_backward(dz + at, dout + at, out + at, s != T - 1, B, c1 - c0, H, act);
-  }, [&](int64_t k, int64_t c0, int64_t c1) {
+    const int64_t at = t * BH + slice.c0;
+    act_backward(dz + at, dout + at, out + at, s != T - 1, B, slice.size(), H, act);
+  }, [&](int64_t k, const Slice& slice) {
     const int64_t s = T - 1 - k;
     if (s == 0) return;
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t prev = reverse ? t + 1 : t - 1;
     // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh[:, c0:c1] into the previous step's slot
-    gemm<scalar_t>(false, false, B, c1 - c0, H, dz + t * BH, H, w_hh + c0, H, 0,
-                   dz + prev * BH + c0, H);
+    step_gemm[slice.id](dz + t * BH, H, 0, dz + prev * BH + slice.c0, H);
   });
   const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
   if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);

@@ -210,7 +210,7 @@ def test_time_loop_split_across_threads(threads, dtype):
     torch.set_num_threads(threads)
     try:
         for reverse in (False, True):
-            # B·H·H above the forward's and the backward's thresholds (2^15, 2^20)
+            # B·H·H above the split threshold (2^19), so both loops share columns
             _test_correctness("cpu", dtype, 4, 110, 7, 100, "tanh", reverse, True)
             _test_correctness("cpu", dtype, 5, 150, 9, 90, "relu", reverse, False)
     finally:
