@@ -160,6 +160,21 @@ def test_concurrent_calls_from_two_threads():
     assert not errors, errors[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_workspace_reused_across_shapes(dtype):
+    """The CPU backward keeps its dz workspace between calls on a thread. A call that leaves
+    it full of NaN, then smaller and larger calls, in both dtypes: each must be exact, so no
+    call reads what an earlier one left."""
+    x, h0, w_ih, w_hh, b = make_inputs(6, 5, 4, 7, dtype, "cpu", seed=1)
+    poisoned = ops.rnn_layer(x * float("nan"), h0, w_ih, w_hh, b)
+    (dx,) = torch.autograd.grad(poisoned, x, torch.ones_like(poisoned))
+    assert dx.isnan().all()
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    for d, (T, B, I, H) in [(dtype, (2, 3, 4, 5)), (other, (3, 2, 2, 3)), (dtype, (9, 6, 3, 8)), (dtype, (1, 1, 1, 1))]:
+        for reverse in (False, True):
+            _test_correctness("cpu", d, T, B, I, H, "tanh", reverse, True)
+
+
 def rss_bytes():
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
