@@ -50,7 +50,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
                       const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
                       int64_t B, int64_t I, int64_t H, Activation act, bool reverse);
 
-// Which BLAS the CPU GEMMs call: "blas (sgemm_/dgemm_ from libtorch)" or "ATen addmm".
+// Which BLAS the CPU GEMMs call: "blas (sgemm_/dgemm_ exported by libtorch ...)", saying
+// whether float32 steps use MKL's packed GEMM, or "ATen addmm".
 const char* cpu_gemm_backend();
 // Which vector path the fused activation pass takes: "avx512", "avx2" or "scalar".
 const char* cpu_activation_backend();

@@ -389,7 +389,10 @@ void act_backward(scalar_t* dz, const scalar_t* dout, const scalar_t* h, bool ca
 }  // namespace
 
 const char* cpu_gemm_backend() {
-  return (sgemm_ && dgemm_) ? "blas (sgemm_/dgemm_ exported by libtorch)" : "ATen addmm";
+  if (!sgemm_ || !dgemm_) return "ATen addmm";
+  if (cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute)
+    return "blas (sgemm_/dgemm_ exported by libtorch; float32 steps on MKL's packed GEMM)";
+  return "blas (sgemm_/dgemm_ exported by libtorch)";
 }
 
 const char* cpu_activation_backend() {
