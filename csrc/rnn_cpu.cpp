@@ -17,10 +17,12 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -147,28 +149,30 @@ class StepGemm {
 
 constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vector of floats
 
-// How many threads share the time loop: at least 32 columns each, and a step's GEMM (B·H·H
-// multiply-adds) large enough that the per-step barrier is small beside it. Measured with
-// the packed step GEMM (2 cores, each loop alone): from B·H·H = 2^19 up (T,B,H = 256,32,128)
-// the forward is 7% faster split and the backward the same; at 2^18 (16,64,64) one thread
-// is 10-15% faster in both.
+// How many threads share the time loop by hidden columns: only where each gets at least 128
+// columns and a step's GEMM (B·H·H multiply-adds) is large enough that the per-step barrier
+// is small beside it. Below that the loop runs on the calling thread with a helper beside it
+// (with_helper, below). Measured on 2 cores, module forward+backward: splitting is faster
+// from H = 256 (T,B,H = 64,8,256: 2.09 against 2.38 ms with the helper; 16,64,256: 3.64
+// against 3.75 ms), the helper below it (256,32,128: 7.5 against 9.4 ms split; 32,64,192:
+// 4.10 against 4.33 ms).
+constexpr int64_t kMinSplitColumns = 128;
 constexpr int64_t kMinSplitWork = int64_t(1) << 19;
 
 int column_threads(int64_t B, int64_t H) {
 #ifdef _OPENMP
   if (!have_blas<float>()) return 1;  // the ATen fallback GEMM is not for parallel regions
-  const int64_t by_columns = std::max<int64_t>(1, H / (2 * kColumnAlign));
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), by_columns);
-  return B * H * H >= kMinSplitWork ? int(threads) : 1;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), H / kMinSplitColumns);
+  return threads >= 2 && B * H * H >= kMinSplitWork ? int(threads) : 1;
 #else
   return 1;
 #endif
 }
 
-// While alive, MKL runs the calling thread's BLAS calls on that thread alone. A loop left on
-// one thread is one whose steps are too small to share, and MKL would otherwise fork and
-// join its own threads inside every step's GEMM: at T,B,H = 16,64,64 that made the forward
-// 11% and the backward 13% slower. A no-op on a BLAS other than MKL.
+// While alive, MKL runs the calling thread's BLAS calls on that thread alone. A loop on one
+// thread is one whose steps are too small to share, and MKL would otherwise fork and join
+// its own threads inside every step's GEMM: at T,B,H = 16,64,64 that made the forward 11%
+// and the backward 13% slower. A no-op on a BLAS other than MKL.
 class OneBlasThread {
  public:
   OneBlasThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : -1) {}
@@ -223,6 +227,95 @@ void time_loop(int64_t T, int64_t H, int threads, const Prepare& prepare, const 
 }
 
 constexpr auto kNothing = [](int64_t, const Slice&) {};
+
+// A loop whose hidden columns are too few to share runs on the calling thread, and a helper
+// thread does the large GEMMs around it meanwhile, in chunks of steps: in the forward it
+// projects the steps ahead of the loop, in the backward it takes the weight and bias
+// gradients of each chunk of finished steps. Without the helper those GEMMs ran before or
+// after the loop, which left one core idle for the whole loop.
+//
+// The caller never waits for the helper to start (waking a thread can take longer than a
+// small layer's whole loop): work either may do is claimed, and what the helper has not
+// claimed the caller does itself. So a team of one thread (inside another parallel region)
+// is correct too, only not faster.
+bool can_use_helper() {
+#ifdef _OPENMP
+  return have_blas<float>() && at::get_num_threads() >= 2;
+#else
+  return false;
+#endif
+}
+
+// main() on the calling thread, helper() on a second one when the team has two.
+template <typename Main, typename Helper>
+void with_helper(const Main& main, const Helper& helper) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+  {
+    const OneBlasThread one_blas_thread;
+    if (omp_get_thread_num() == 0) {
+      main();
+    } else {
+      helper();
+    }
+  }
+#else
+  main();
+#endif
+}
+
+void spin_pause() {
+#ifdef RNNLM_EXT_X86
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Chunks 0 … n-1 of work that two threads claim in order; each chunk runs once, on the thread
+// that claimed it. Completion is published with release/acquire, so a thread that sees a chunk
+// done sees what its work wrote.
+class Chunks {
+ public:
+  explicit Chunks(int64_t n) : n_(n), done_(new std::atomic<bool>[size_t(n)]) {
+    for (int64_t i = 0; i < n; ++i) done_[i].store(false, std::memory_order_relaxed);
+  }
+  // Claims the next unclaimed chunk and runs work(i) on it; false when none is left.
+  template <typename Work>
+  bool run_next(const Work& work) {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    if (i >= n_) return false;
+    work(i);
+    done_[i].store(true, std::memory_order_release);
+    return true;
+  }
+  // Returns once chunk i is done, running unclaimed chunks meanwhile.
+  template <typename Work>
+  void finish(int64_t i, const Work& work) {
+    while (!done_[i].load(std::memory_order_acquire))
+      if (!run_next(work)) spin_pause();
+  }
+
+ private:
+  const int64_t n_;
+  std::unique_ptr<std::atomic<bool>[]> done_;
+  std::atomic<int64_t> next_{0};
+};
+
+// How many steps the backward loop has finished, published the same way.
+class Progress {
+ public:
+  void publish(int64_t steps) { done_.store(steps, std::memory_order_release); }
+  void wait_for(int64_t steps) const {
+    while (done_.load(std::memory_order_acquire) < steps) spin_pause();
+  }
+
+ private:
+  std::atomic<int64_t> done_{0};
+};
+
+// Steps per chunk: about 256 rows, so that each chunk's GEMM is still an efficient one.
+int64_t chunk_steps(int64_t B) { return std::max<int64_t>(1, 256 / B); }
 
 enum class Isa { Scalar, Avx2, Avx512 };
 
@@ -411,20 +504,50 @@ void rnn_forward_cpu(scalar_t* out, const scalar_t* x, const scalar_t* h0, const
                      const scalar_t* w_hh, const scalar_t* b, int64_t T, int64_t B, int64_t I,
                      int64_t H, Activation act, bool reverse) {
   const int64_t BH = B * H;
-  // P = x·w_ihᵀ for all T·B rows at once, written straight into out: [T·B,I]·[I,H] -> [T·B,H]
-  gemm<scalar_t>(false, true, T * B, H, I, x, I, w_ih, I, 0, out, H);
-  const int threads = column_threads(B, H);
-  std::vector<StepGemm<scalar_t>> step_gemm(threads);
-  time_loop(T, H, threads, [&](const Slice& slice) {
-    // this thread's step: h_prev[B,H]·w_hh[c0:c1]ᵀ, w_hh's rows c0…c1 packed once
-    step_gemm[slice.id].prepare(true, B, slice.size(), H, w_hh + slice.c0 * H, H);
-  }, [&](int64_t s, const Slice& slice) {
+  // P = x·w_ihᵀ of steps [s0,s1) (in the loop's order), written straight into their rows of
+  // out: [rows,I]·[I,H] -> [rows,H]
+  auto project = [&](int64_t s0, int64_t s1) {
+    const int64_t t0 = reverse ? T - s1 : s0;  // the steps' time indices are [t0, t0+s1-s0)
+    gemm<scalar_t>(false, true, (s1 - s0) * B, H, I, x + t0 * B * I, I, w_ih, I, 0, out + t0 * BH, H);
+  };
+  // this thread's step: h_prev[B,H]·w_hh[c0:c1]ᵀ with w_hh's rows c0…c1 packed once
+  auto prepare = [&](StepGemm<scalar_t>& g, const Slice& slice) {
+    g.prepare(true, B, slice.size(), H, w_hh + slice.c0 * H, H);
+  };
+  auto step = [&](int64_t s, const Slice& slice, const StepGemm<scalar_t>& g) {
     const int64_t t = reverse ? T - 1 - s : s;
     const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
     scalar_t* h = out + t * BH + slice.c0;                        // [B,c1-c0], row stride H
-    step_gemm[slice.id](h_prev, H, 1, h, H);  // h += h_prev·w_hh[c0:c1]ᵀ
+    g(h_prev, H, 1, h, H);  // h = P_t + h_prev·w_hh[c0:c1]ᵀ
     bias_act_forward(h, b ? b + slice.c0 : nullptr, B, slice.size(), H, act);
-  }, kNothing);
+  };
+
+  const int threads = column_threads(B, H);
+  if (threads == 1 && can_use_helper()) {
+    // the caller runs the steps; chunks of the projection are claimed by whichever thread
+    // gets to them first, the helper ahead of the steps or the caller when it finds its next
+    // step's chunk unclaimed
+    const int64_t chunk = chunk_steps(B);
+    Chunks projection((T + chunk - 1) / chunk);
+    auto project_chunk = [&](int64_t i) { project(i * chunk, std::min(T, (i + 1) * chunk)); };
+    with_helper([&] {
+      const Slice all{0, 0, H};
+      StepGemm<scalar_t> g;
+      prepare(g, all);
+      for (int64_t s = 0; s < T; ++s) {
+        projection.finish(s / chunk, project_chunk);
+        step(s, all, g);
+      }
+    }, [&] {
+      while (projection.run_next(project_chunk)) {
+      }
+    });
+    return;
+  }
+  project(0, T);
+  std::vector<StepGemm<scalar_t>> step_gemm(threads);
+  time_loop(T, H, threads, [&](const Slice& slice) { prepare(step_gemm[slice.id], slice); },
+            [&](int64_t s, const Slice& slice) { step(s, slice, step_gemm[slice.id]); }, kNothing);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -436,51 +559,98 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
                       const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
                       int64_t B, int64_t I, int64_t H, Activation act, bool reverse) {
   const int64_t BH = B * H;
+  const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
   // The forward's steps in reverse order (k counts them; s is the forward's step number, t
-  // the time index; `prev` is the step whose output was this step's h_{t-1}). Each thread owns
-  // columns [c0,c1) of every dz_t: it finishes them (act'), waits for the others, then writes
-  // its columns of the previous step's carry from all of dz_t.
-  const int threads = column_threads(B, H);
-  std::vector<StepGemm<scalar_t>> step_gemm(threads);
-  time_loop(T, H, threads, [&](const Slice& slice) {
+  // the time index; `prev` is the step whose output was this step's h_{t-1}). A thread that
+  // owns columns [c0,c1) of every dz_t finishes them (act'); once all columns of dz_t are
+  // finished, it writes its columns of the previous step's carry from all of dz_t.
+  auto prepare = [&](StepGemm<scalar_t>& g, const Slice& slice) {
     // this thread's carry: dz_t[B,H]·w_hh[:, c0:c1], w_hh's columns c0…c1 packed once
-    step_gemm[slice.id].prepare(false, B, slice.size(), H, w_hh + slice.c0, H);
-  }, [&](int64_t k, const Slice& slice) {
+    g.prepare(false, B, slice.size(), H, w_hh + slice.c0, H);
+  };
+  auto finish_dz = [&](int64_t k, const Slice& slice) {
     const int64_t s = T - 1 - k;
     const int64_t t = reverse ? T - 1 - s : s;
     // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so dz_t = dh_t ⊙ act'(h_t)
     // with dh_t = dout_t + dz_{t+1}·w_hh (the carry, already in dz_t except at the last step)
     const int64_t at = t * BH + slice.c0;
     act_backward(dz + at, dout + at, out + at, s != T - 1, B, slice.size(), H, act);
-  }, [&](int64_t k, const Slice& slice) {
+  };
+  auto carry = [&](int64_t k, const Slice& slice, const StepGemm<scalar_t>& g) {
     const int64_t s = T - 1 - k;
     if (s == 0) return;
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t prev = reverse ? t + 1 : t - 1;
     // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh[:, c0:c1] into the previous step's slot
-    step_gemm[slice.id](dz + t * BH, H, 0, dz + prev * BH + slice.c0, H);
-  });
-  const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
-  if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
-
-  // The rest is batched over all T·B rows.
-  if (dw_ih) gemm<scalar_t>(true, false, H, I, T * B, dz, H, x, I, 0, dw_ih, I);  // dzᵀ·x
-  if (dw_hh) {
-    // Σ_t dz_tᵀ·h_{t-1}: the first step's h_{t-1} is h0, the other steps' are rows of out
-    // shifted by one step, contiguous, so two GEMMs and no copy.
-    gemm<scalar_t>(true, false, H, H, B, dz + first * BH, H, h0, H, 0, dw_hh, H);
-    if (T > 1) {
-      const scalar_t* dz_rest = reverse ? dz : dz + BH;     // steps that read out rows
-      const scalar_t* h_rest = reverse ? out + BH : out;    // the rows they read
-      gemm<scalar_t>(true, false, H, H, (T - 1) * B, dz_rest, H, h_rest, H, 1, dw_hh, H);
+    g(dz + t * BH, H, 0, dz + prev * BH + slice.c0, H);
+  };
+  // The weight and bias gradients of the steps k0 … k1-1 (a run of consecutive time indices),
+  // written when `write` (the first run), else added.
+  auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
+    const int64_t ta = reverse ? k0 : T - k1, tb = reverse ? k1 : T - k0;  // times [ta,tb)
+    const scalar_t beta = write ? 0 : 1;
+    if (dw_ih) gemm<scalar_t>(true, false, H, I, (tb - ta) * B, dz + ta * BH, H, x + ta * B * I, I, beta, dw_ih, I);
+    if (dw_hh) {
+      // Σ_t dz_tᵀ·h_{t-1}: the step that read h0, if in the run, then the others, whose
+      // h_{t-1} are rows of out shifted by one step, contiguous: no copy
+      scalar_t b0 = beta;
+      const bool has_first = ta <= first && first < tb;
+      if (has_first) {
+        gemm<scalar_t>(true, false, H, H, B, dz + first * BH, H, h0, H, b0, dw_hh, H);
+        b0 = 1;
+      }
+      const int64_t lo = has_first && !reverse ? ta + 1 : ta, hi = has_first && reverse ? tb - 1 : tb;
+      if (hi > lo) {
+        const scalar_t* h_rows = out + (reverse ? lo + 1 : lo - 1) * BH;
+        gemm<scalar_t>(true, false, H, H, (hi - lo) * B, dz + lo * BH, H, h_rows, H, b0, dw_hh, H);
+      }
     }
+    if (db) {
+      if (write) std::fill(db, db + H, scalar_t(0));
+      for (int64_t r = ta * B; r < tb * B; ++r)
+        for (int64_t j = 0; j < H; ++j) db[j] += dz[r * H + j];
+    }
+  };
+  auto input_grads = [&] {
+    if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
+    if (dx) gemm<scalar_t>(false, false, T * B, I, H, dz, H, w_ih, I, 0, dx, I);  // dz·w_ih
+  };
+
+  const int threads = column_threads(B, H);
+  if (threads == 1 && can_use_helper()) {
+    // the caller runs the steps, then the input gradients; the helper follows the steps,
+    // taking the weight and bias gradients of each chunk of finished ones. If the helper has
+    // not started by the time the caller is done, the caller takes them all.
+    Progress finished;
+    std::atomic<bool> weight_grads_taken{false};
+    with_helper([&] {
+      const Slice all{0, 0, H};
+      StepGemm<scalar_t> g;
+      prepare(g, all);
+      for (int64_t k = 0; k < T; ++k) {
+        finish_dz(k, all);
+        finished.publish(k + 1);
+        carry(k, all, g);
+      }
+      input_grads();
+      if (!weight_grads_taken.exchange(true)) weight_grads(0, T, true);
+    }, [&] {
+      if (weight_grads_taken.exchange(true)) return;
+      const int64_t chunk = chunk_steps(B);
+      for (int64_t k0 = 0; k0 < T; k0 += chunk) {
+        const int64_t k1 = std::min(T, k0 + chunk);
+        finished.wait_for(k1);
+        weight_grads(k0, k1, k0 == 0);
+      }
+    });
+    return;
   }
-  if (db) {
-    std::fill(db, db + H, scalar_t(0));
-    for (int64_t r = 0; r < T * B; ++r)
-      for (int64_t j = 0; j < H; ++j) db[j] += dz[r * H + j];
-  }
-  if (dx) gemm<scalar_t>(false, false, T * B, I, H, dz, H, w_ih, I, 0, dx, I);  // dz·w_ih
+  std::vector<StepGemm<scalar_t>> step_gemm(threads);
+  time_loop(T, H, threads, [&](const Slice& slice) { prepare(step_gemm[slice.id], slice); },
+            finish_dz, [&](int64_t k, const Slice& slice) { carry(k, slice, step_gemm[slice.id]); });
+  // The rest is batched over all T·B rows.
+  input_grads();
+  weight_grads(0, T, true);
 }
 
 template void rnn_forward_cpu<float>(float*, const float*, const float*, const float*, const float*,

@@ -1,6 +1,8 @@
 """The fused op itself: parity with the reference, gradients, registration, threads, memory."""
 import gc
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -218,15 +220,35 @@ def test_float32_tanh_within_3_ulp_and_nan_kept():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_time_loop_split_across_threads(threads, dtype):
-    """The time loop shares hidden columns between threads (uneven slices when H is not a
-    multiple of the slice width): the same numbers as the reference whatever the count."""
+def test_time_loop_across_threads(threads, dtype):
+    """How the time loop uses threads depends on the shape: from 128 hidden columns per thread
+    it shares the columns (uneven slices here: H = 300 splits 160 + 140 on two threads, 400
+    splits 144 + 144 + 112 on three); below, one thread runs the steps while a helper does the
+    chunked GEMMs (chunks of 256 // B steps: several at B = 64, one step each at B = 300). The
+    same numbers as the reference whatever the count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for reverse in (False, True):
-            # B·H·H above the split threshold (2^19), so both loops share columns
-            _test_correctness("cpu", dtype, 4, 110, 7, 100, "tanh", reverse, True)
-            _test_correctness("cpu", dtype, 5, 150, 9, 90, "relu", reverse, False)
+            _test_correctness("cpu", dtype, 4, 8, 7, 300, "tanh", reverse, True)  # split on 2 and 3
+            _test_correctness("cpu", dtype, 3, 5, 9, 400, "relu", reverse, False)  # 3 slices on 3
+            _test_correctness("cpu", dtype, 10, 64, 7, 33, "tanh", reverse, True)  # helper, chunks 4+4+2
+            _test_correctness("cpu", dtype, 3, 300, 5, 20, "relu", reverse, True)  # helper, 1-step chunks
     finally:
         torch.set_num_threads(previous)
+
+
+def test_time_loop_without_a_second_thread():
+    """OMP_THREAD_LIMIT=1 gives the helper's parallel region a team of one thread while torch
+    still asks for two: the calling thread must then do the helper's share itself."""
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests'); import test_op as t; torch.set_num_threads(2)\n"
+        "for r in (False, True):\n"
+        "    t._test_correctness('cpu', torch.float64, 10, 64, 7, 33, 'tanh', r, True)\n"
+        "    t._test_correctness('cpu', torch.float32, 9, 32, 5, 48, 'relu', r, True)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
