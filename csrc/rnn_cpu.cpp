@@ -149,14 +149,13 @@ class StepGemm {
 
 constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vector of floats
 
-// How many threads share the time loop by hidden columns: only where each gets at least 128
+// How many threads share the time loop by hidden columns: only where each gets at least 512
 // columns and a step's GEMM (B·H·H multiply-adds) is large enough that the per-step barrier
-// is small beside it. Below that the loop runs on the calling thread with a helper beside it
-// (with_helper, below). Measured on 2 cores, module forward+backward: splitting is faster
-// from H = 256 (T,B,H = 64,8,256: 2.09 against 2.38 ms with the helper; 16,64,256: 3.64
-// against 3.75 ms), the helper below it (256,32,128: 7.5 against 9.4 ms split; 32,64,192:
-// 4.10 against 4.33 ms).
-constexpr int64_t kMinSplitColumns = 128;
+// is small beside it. Otherwise the loop runs on the calling thread with a helper beside it
+// (with_helper, below). Measured on 2 cores, module forward+backward, split against helper:
+// 64,64,1024 173 against 177 ms; 64,256,512 206 against 198 ms, 64,64,256 13.1 against
+// 11.7 ms, 16,64,256 3.46 against 3.26 ms, 256,32,128 9.4 against 7.5 ms.
+constexpr int64_t kMinSplitColumns = 512;
 constexpr int64_t kMinSplitWork = int64_t(1) << 19;
 
 int column_threads(int64_t B, int64_t H) {
@@ -314,8 +313,11 @@ class Progress {
   std::atomic<int64_t> done_{0};
 };
 
-// Steps per chunk: about 256 rows, so that each chunk's GEMM is still an efficient one.
-int64_t chunk_steps(int64_t B) { return std::max<int64_t>(1, 256 / B); }
+// Steps per chunk: at least 64 rows. Small chunks keep the helper close behind (backward) or
+// just ahead of (forward) the loop, so little of its work is left when the loop ends.
+// Module forward+backward with 64- against 256-row chunks: 16,64,256 3.26 against 3.81 ms,
+// 64,64,256 11.7 against 12.8 ms, 16,64,64 0.464 against 0.489 ms.
+int64_t chunk_steps(int64_t B) { return std::max<int64_t>(1, 64 / B); }
 
 enum class Isa { Scalar, Avx2, Avx512 };
 
@@ -620,9 +622,18 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   if (threads == 1 && can_use_helper()) {
     // the caller runs the steps, then the input gradients; the helper follows the steps,
     // taking the weight and bias gradients of each chunk of finished ones. If the helper has
-    // not started by the time the caller is done, the caller takes them all.
+    // not started by the time the caller is done, the caller takes them, in the same chunks:
+    // the same GEMMs in the same order, so the result does not depend on who ran them.
     Progress finished;
     std::atomic<bool> weight_grads_taken{false};
+    auto chunked_weight_grads = [&] {
+      const int64_t chunk = chunk_steps(B);
+      for (int64_t k0 = 0; k0 < T; k0 += chunk) {
+        const int64_t k1 = std::min(T, k0 + chunk);
+        finished.wait_for(k1);
+        weight_grads(k0, k1, k0 == 0);
+      }
+    };
     with_helper([&] {
       const Slice all{0, 0, H};
       StepGemm<scalar_t> g;
@@ -633,15 +644,9 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
         carry(k, all, g);
       }
       input_grads();
-      if (!weight_grads_taken.exchange(true)) weight_grads(0, T, true);
+      if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
     }, [&] {
-      if (weight_grads_taken.exchange(true)) return;
-      const int64_t chunk = chunk_steps(B);
-      for (int64_t k0 = 0; k0 < T; k0 += chunk) {
-        const int64_t k1 = std::min(T, k0 + chunk);
-        finished.wait_for(k1);
-        weight_grads(k0, k1, k0 == 0);
-      }
+      if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
     });
     return;
   }
