@@ -613,17 +613,22 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
         for (int64_t j = 0; j < H; ++j) db[j] += dz[r * H + j];
     }
   };
-  auto input_grads = [&] {
+  // dx = dz·w_ih for the steps k0 … k1-1
+  auto input_grad = [&](int64_t k0, int64_t k1) {
+    const int64_t ta = reverse ? k0 : T - k1, tb = reverse ? k1 : T - k0;  // times [ta,tb)
+    gemm<scalar_t>(false, false, (tb - ta) * B, I, H, dz + ta * BH, H, w_ih, I, 0, dx + ta * B * I, I);
+  };
+  auto dh0_grad = [&] {
     if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
-    if (dx) gemm<scalar_t>(false, false, T * B, I, H, dz, H, w_ih, I, 0, dx, I);  // dz·w_ih
   };
 
   const int threads = column_threads(B, H);
   if (threads == 1 && can_use_helper()) {
-    // the caller runs the steps, then the input gradients; the helper follows the steps,
-    // taking the weight and bias gradients of each chunk of finished ones. If the helper has
-    // not started by the time the caller is done, the caller takes them, in the same chunks:
-    // the same GEMMs in the same order, so the result does not depend on who ran them.
+    // the caller runs the steps, then dh0 and dx; the helper follows the steps, taking the
+    // weight and bias gradients of each chunk of finished ones, then whatever chunks of dx
+    // the caller has not claimed yet. If the helper has not started by the time the caller
+    // is done, the caller takes the weight gradients too, in the same chunks: the same GEMMs
+    // in the same order, so the result does not depend on who ran them.
     Progress finished;
     std::atomic<bool> weight_grads_taken{false};
     auto chunked_weight_grads = [&] {
@@ -634,6 +639,9 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
         weight_grads(k0, k1, k0 == 0);
       }
     };
+    const int64_t dx_chunk = std::max<int64_t>(1, 256 / B);  // rows enough for an efficient GEMM
+    Chunks dx_chunks(dx ? (T + dx_chunk - 1) / dx_chunk : 0);
+    auto dx_work = [&](int64_t i) { input_grad(i * dx_chunk, std::min(T, (i + 1) * dx_chunk)); };
     with_helper([&] {
       const Slice all{0, 0, H};
       StepGemm<scalar_t> g;
@@ -643,10 +651,15 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
         finished.publish(k + 1);
         carry(k, all, g);
       }
-      input_grads();
+      dh0_grad();
+      while (dx_chunks.run_next(dx_work)) {
+      }
       if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
     }, [&] {
       if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
+      finished.wait_for(T);  // dx reads every step's dz
+      while (dx_chunks.run_next(dx_work)) {
+      }
     });
     return;
   }
@@ -654,7 +667,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   time_loop(T, H, threads, [&](const Slice& slice) { prepare(step_gemm[slice.id], slice); },
             finish_dz, [&](int64_t k, const Slice& slice) { carry(k, slice, step_gemm[slice.id]); });
   // The rest is batched over all T·B rows.
-  input_grads();
+  dh0_grad();
+  if (dx) input_grad(0, T);
   weight_grads(0, T, true);
 }
 
