@@ -263,12 +263,14 @@ void with_helper(const Main& main, const Helper& helper) {
 #endif
 }
 
-void spin_pause() {
+// One turn of a wait loop: a pause instruction for the first turns (the other thread is
+// normally a step or a chunk away), then yielding the core, so that a waiting thread does not
+// hold it from the one it waits for when the machine has more threads than cores.
+void spin_pause(int64_t& turns) {
 #ifdef RNNLM_EXT_X86
-  _mm_pause();
-#else
-  std::this_thread::yield();
+  if (++turns < 4096) return _mm_pause();
 #endif
+  std::this_thread::yield();
 }
 
 // Chunks 0 … n-1 of work that two threads claim in order; each chunk runs once, on the thread
@@ -291,8 +293,9 @@ class Chunks {
   // Returns once chunk i is done, running unclaimed chunks meanwhile.
   template <typename Work>
   void finish(int64_t i, const Work& work) {
+    int64_t turns = 0;
     while (!done_[i].load(std::memory_order_acquire))
-      if (!run_next(work)) spin_pause();
+      if (!run_next(work)) spin_pause(turns);
   }
 
  private:
@@ -306,7 +309,8 @@ class Progress {
  public:
   void publish(int64_t steps) { done_.store(steps, std::memory_order_release); }
   void wait_for(int64_t steps) const {
-    while (done_.load(std::memory_order_acquire) < steps) spin_pause();
+    int64_t turns = 0;
+    while (done_.load(std::memory_order_acquire) < steps) spin_pause(turns);
   }
 
  private:
