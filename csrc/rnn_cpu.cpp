@@ -149,20 +149,24 @@ class StepGemm {
 
 constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vector of floats
 
-// How many threads share the time loop by hidden columns: only where each gets at least 512
-// columns and a step's GEMM (B·H·H multiply-adds) is large enough that the per-step barrier
-// is small beside it. Otherwise the loop runs on the calling thread with a helper beside it
-// (with_helper, below). Measured on 2 cores, module forward+backward, split against helper:
-// 64,64,1024 173 against 177 ms; 64,256,512 206 against 198 ms, 64,64,256 13.1 against
-// 11.7 ms, 16,64,256 3.46 against 3.26 ms, 256,32,128 9.4 against 7.5 ms.
-constexpr int64_t kMinSplitColumns = 512;
+// How many threads share the time loop by hidden columns (1: the loop runs on the calling
+// thread, with a helper beside it, below). Sharing needs a step's GEMM (B·H·H multiply-adds)
+// large enough that the per-step barrier is small beside it, and enough columns per thread.
+// Measured on this project's 2 cores, module forward+backward, two threads sharing columns
+// against the helper: 64,64,1024 173 against 177 ms; 64,256,512 206 against 198 ms, 64,64,256
+// 13.1 against 11.7 ms, 16,64,256 3.46 against 3.26 ms, 256,32,128 9.4 against 7.5 ms. So two
+// threads share from 512 columns each. Three or more share from 128 columns each: the helper
+// uses only two threads, and that rule is the earlier one, unmeasured here (2 cores).
+constexpr int64_t kMinSplitColumns = 128;
+constexpr int64_t kMinSplitColumnsOfTwo = 512;
 constexpr int64_t kMinSplitWork = int64_t(1) << 19;
 
 int column_threads(int64_t B, int64_t H) {
 #ifdef _OPENMP
   if (!have_blas<float>()) return 1;  // the ATen fallback GEMM is not for parallel regions
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), H / kMinSplitColumns);
-  return threads >= 2 && B * H * H >= kMinSplitWork ? int(threads) : 1;
+  const bool worth_it = threads >= 3 || (threads == 2 && H >= 2 * kMinSplitColumnsOfTwo);
+  return worth_it && B * H * H >= kMinSplitWork ? int(threads) : 1;
 #else
   return 1;
 #endif
