@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <mutex>
 
 #include "rnn.h"
 #include "rnn_args.h"
@@ -36,17 +37,37 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
   return out;
 }
 
-// The backward's dz [T,B,H] workspace, kept by each calling thread between calls (as oneDNN
-// keeps its scratchpad). Above 32 MB glibc maps fresh pages for every allocation, and the
-// first touch of each page is a page fault: a new dz cost 14 ms of a 147 ms backward at
-// T,B,H = 64,256,512 (133 ms reusing one). It grows to the largest call the thread has made
-// and is freed when the thread exits. Safe because the kernel never calls back into torch.
-at::Tensor backward_workspace(const Dims& d, const at::TensorOptions& options) {
-  thread_local at::Tensor workspace;
-  const int64_t n = d.T * d.B * d.H;
-  if (!workspace.defined() || workspace.dtype() != options.dtype() || workspace.numel() < n)
-    workspace = at::empty({n}, options);
-  return workspace.narrow(0, 0, n).view({d.T, d.B, d.H});
+// The backward's dz [T,B,H] workspace, kept between calls (as oneDNN keeps its scratchpad).
+// Above 32 MB glibc maps fresh pages for every allocation, and the first touch of each page is
+// a page fault: a new dz cost 14 ms of a 147 ms backward at T,B,H = 64,256,512 (133 ms reusing
+// one). One buffer is kept for the process: a call takes it when it is free, of its dtype and
+// large enough (a concurrent call allocates its own), and gives it back; the larger is kept.
+// The cache is never destroyed: kept as a thread_local, the tensor's release at process exit
+// aborted about one DDP run in ten ("terminate called without an active exception").
+class WorkspaceCache {
+ public:
+  at::Tensor take(int64_t n, const at::TensorOptions& options) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (kept_.defined() && kept_.dtype() == options.dtype() && kept_.numel() >= n)
+        return std::move(kept_);
+    }
+    return at::empty({n}, options);
+  }
+  void give(at::Tensor workspace) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (!kept_.defined() || kept_.dtype() != workspace.dtype() || workspace.numel() > kept_.numel())
+      kept_ = std::move(workspace);
+  }
+
+ private:
+  std::mutex mutex_;
+  at::Tensor kept_;
+};
+
+WorkspaceCache& workspace_cache() {
+  static auto* cache = new WorkspaceCache;  // deliberately never destroyed (see above)
+  return *cache;
 }
 
 // dout [T,B,H] and the forward's inputs and output -> (dx, dh0, dw_ih, dw_hh, db).
@@ -62,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
   const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
   Grads grads(d, output_mask, x.options());
-  const at::Tensor dz = backward_workspace(d, x.options());
+  at::Tensor workspace = workspace_cache().take(d.T * d.B * d.H, x.options());
+  const at::Tensor dz = workspace.narrow(0, 0, d.T * d.B * d.H).view({d.T, d.B, d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
     rnn_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), dz.data_ptr<scalar_t>(),
@@ -71,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
                                w_hh_c.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(),
                                d.T, d.B, d.I, d.H, act, reverse);
   });
+  workspace_cache().give(std::move(workspace));
   return grads.tuple();
 }
 

@@ -164,7 +164,7 @@ def test_concurrent_calls_from_two_threads():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backward_workspace_reused_across_shapes(dtype):
-    """The CPU backward keeps its dz workspace between calls on a thread. A call that leaves
+    """The CPU backward keeps its dz workspace between calls. A call that leaves
     it full of NaN, then smaller and larger calls, in both dtypes: each must be exact, so no
     call reads what an earlier one left."""
     x, h0, w_ih, w_hh, b = make_inputs(6, 5, 4, 7, dtype, "cpu", seed=1)
