@@ -518,7 +518,8 @@ void rnn_forward_cpu(scalar_t* out, const scalar_t* x, const scalar_t* h0, const
   // out: [rows,I]·[I,H] -> [rows,H]
   auto project = [&](int64_t s0, int64_t s1) {
     const int64_t t0 = reverse ? T - s1 : s0;  // the steps' time indices are [t0, t0+s1-s0)
-    gemm<scalar_t>(false, true, (s1 - s0) * B, H, I, x + t0 * B * I, I, w_ih, I, 0, out + t0 * BH, H);
+    gemm<scalar_t>(false, true, (s1 - s0) * B, H, I, x + t0 * B * I, I, w_ih, I, 0, out + t0 * BH,
+                   H);
   };
   // this thread's step: h_prev[B,H]·w_hh[c0:c1]ᵀ with w_hh's rows c0…c1 packed once
   auto prepare = [&](StepGemm<scalar_t>& g, const Slice& slice) {
@@ -599,7 +600,9 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
     const int64_t ta = reverse ? k0 : T - k1, tb = reverse ? k1 : T - k0;  // times [ta,tb)
     const scalar_t beta = write ? 0 : 1;
-    if (dw_ih) gemm<scalar_t>(true, false, H, I, (tb - ta) * B, dz + ta * BH, H, x + ta * B * I, I, beta, dw_ih, I);
+    if (dw_ih)  // dz[ta:tb]ᵀ·x[ta:tb]
+      gemm<scalar_t>(true, false, H, I, (tb - ta) * B, dz + ta * BH, H, x + ta * B * I, I, beta,
+                     dw_ih, I);
     if (dw_hh) {
       // Σ_t dz_tᵀ·h_{t-1}: the step that read h0, if in the run, then the others, whose
       // h_{t-1} are rows of out shifted by one step, contiguous: no copy
@@ -609,7 +612,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
         gemm<scalar_t>(true, false, H, H, B, dz + first * BH, H, h0, H, b0, dw_hh, H);
         b0 = 1;
       }
-      const int64_t lo = has_first && !reverse ? ta + 1 : ta, hi = has_first && reverse ? tb - 1 : tb;
+      const int64_t lo = has_first && !reverse ? ta + 1 : ta;
+      const int64_t hi = has_first && reverse ? tb - 1 : tb;
       if (hi > lo) {
         const scalar_t* h_rows = out + (reverse ? lo + 1 : lo - 1) * BH;
         gemm<scalar_t>(true, false, H, H, (hi - lo) * B, dz + lo * BH, H, h_rows, H, b0, dw_hh, H);
@@ -624,7 +628,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   // dx = dz·w_ih for the steps k0 … k1-1
   auto input_grad = [&](int64_t k0, int64_t k1) {
     const int64_t ta = reverse ? k0 : T - k1, tb = reverse ? k1 : T - k0;  // times [ta,tb)
-    gemm<scalar_t>(false, false, (tb - ta) * B, I, H, dz + ta * BH, H, w_ih, I, 0, dx + ta * B * I, I);
+    gemm<scalar_t>(false, false, (tb - ta) * B, I, H, dz + ta * BH, H, w_ih, I, 0, dx + ta * B * I,
+                   I);
   };
   auto dh0_grad = [&] {
     if (dh0) gemm<scalar_t>(false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
@@ -673,7 +678,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   }
   std::vector<StepGemm<scalar_t>> step_gemm(threads);
   time_loop(T, H, threads, [&](const Slice& slice) { prepare(step_gemm[slice.id], slice); },
-            finish_dz, [&](int64_t k, const Slice& slice) { carry(k, slice, step_gemm[slice.id]); });
+            finish_dz,
+            [&](int64_t k, const Slice& slice) { carry(k, slice, step_gemm[slice.id]); });
   // The rest is batched over all T·B rows.
   dh0_grad();
   if (dx) input_grad(0, T);
