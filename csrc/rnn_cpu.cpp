@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -329,16 +331,19 @@ int64_t chunk_steps(int64_t B) { return std::max<int64_t>(1, 64 / B); }
 
 enum class Isa { Scalar, Avx2, Avx512 };
 
-Isa detect_isa() {
+// The vector path follows ATen's CPU capability, which honours ATEN_CPU_CAPABILITY: the tests
+// run each path on one machine (ATEN_CPU_CAPABILITY=avx2 or default), as torch's own do.
+Isa isa() {
+  static const Isa chosen = [] {
 #ifdef RNNLM_EXT_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return Isa::Avx512;
+    if (capability == "AVX2") return Isa::Avx2;
 #endif
-  return Isa::Scalar;
+    return Isa::Scalar;
+  }();
+  return chosen;
 }
-
-const Isa kIsa = detect_isa();
 
 // h[r,:] = tanh(h[r,:] + b) for one row of n elements, vectorised. The tail goes through
 // the same vector code (masked, or via a padded copy) so that an element's value never
@@ -433,10 +438,11 @@ struct Simd {
 template <typename scalar_t>
 void tanh_row(scalar_t* h, const scalar_t* b, int64_t n) {
 #ifdef RNNLM_EXT_X86
-  if (std::is_same<scalar_t, float>::value && kIsa != Isa::Scalar) {
+  const Isa path = isa();
+  if (std::is_same<scalar_t, float>::value && path != Isa::Scalar) {
     auto* hf = reinterpret_cast<float*>(h);
     const auto* bf = reinterpret_cast<const float*>(b);
-    if (kIsa == Isa::Avx512) return Simd::tanh_avx512(hf, bf, n);
+    if (path == Isa::Avx512) return Simd::tanh_avx512(hf, bf, n);
     return Simd::tanh_avx2(hf, bf, n);
   }
 #endif
@@ -499,7 +505,7 @@ const char* cpu_gemm_backend() {
 }
 
 const char* cpu_activation_backend() {
-  switch (kIsa) {
+  switch (isa()) {
     case Isa::Avx512: return "avx512 (float32 tanh vectorised)";
     case Isa::Avx2: return "avx2 (float32 tanh vectorised)";
     default: return "scalar (std::tanh)";

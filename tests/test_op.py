@@ -218,6 +218,27 @@ def test_float32_tanh_within_3_ulp_and_nan_kept():
     assert torch.equal(out[-2:], torch.tensor([1.0, -1.0]))
 
 
+@pytest.mark.parametrize("capability,path", [("avx2", "avx2"), ("default", "scalar")])
+def test_other_cpu_paths(capability, path):
+    """The float32 activation has an AVX-512, an AVX2 and a scalar path, chosen by ATen's CPU
+    capability. ATEN_CPU_CAPABILITY selects the lower ones here, in a subprocess: the tanh
+    accuracy test and float32/float64 parity must hold on each."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import torch, test_op as t\n"
+        "from rnnlm_ext import ops\n"
+        f"assert ops.build_info()['cpu_activation'].startswith({path!r}), ops.build_info()\n"
+        "t.test_float32_tanh_within_3_ulp_and_nan_kept()\n"
+        "for dtype in (torch.float32, torch.float64):\n"
+        "    for r in (False, True):\n"
+        "        t._test_correctness('cpu', dtype, 7, 3, 5, 37, 'tanh', r, True)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_time_loop_across_threads(threads, dtype):
