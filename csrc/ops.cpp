@@ -19,20 +19,16 @@ namespace {
 at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                               const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
                               c10::string_view nonlinearity, bool reverse) {
-  const Activation act = parse_activation(nonlinearity);
-  const Dims d = check_forward_args(x, h0, w_ih, w_hh, bias);
+  const ForwardArgs a(x, h0, w_ih, w_hh, bias, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
-  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
-  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
+  at::Tensor out = at::empty({a.d.T, a.d.B, a.d.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] {
-    rnn_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
-                              h0_c.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
-                              w_hh_c.const_data_ptr<scalar_t>(),
-                              bias ? b_c.const_data_ptr<scalar_t>() : nullptr, d.T, d.B, d.I, d.H,
-                              act, reverse);
+    rnn_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+                              a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
+                              a.w_hh.const_data_ptr<scalar_t>(),
+                              a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr,
+                              a.d.T, a.d.B, a.d.I, a.d.H, a.act, reverse);
   });
   return out;
 }
@@ -76,22 +72,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
     std::array<bool, 5> output_mask) {
-  const Activation act = parse_activation(nonlinearity);
-  const Dims d = check_backward_args(dout, x, h0, w_ih, w_hh, out);
+  const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
-  const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
-  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
+  const Dims& d = a.d;
   Grads grads(d, output_mask, x.options());
   at::Tensor workspace = workspace_cache().take(d.T * d.B * d.H, x.options());
   const at::Tensor dz = workspace.narrow(0, 0, d.T * d.B * d.H).view({d.T, d.B, d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
     rnn_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), dz.data_ptr<scalar_t>(),
-                               dout_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
-                               h0_c.const_data_ptr<scalar_t>(), w_ih_c.const_data_ptr<scalar_t>(),
-                               w_hh_c.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(),
-                               d.T, d.B, d.I, d.H, act, reverse);
+                               a.dout.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+                               a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
+                               a.w_hh.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
+                               d.T, d.B, d.I, d.H, a.act, reverse);
   });
   workspace_cache().give(std::move(workspace));
   return grads.tuple();

@@ -51,19 +51,15 @@ CudaPath requested_path() {
 at::Tensor rnn_forward_cuda_op(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
                                c10::string_view nonlinearity, bool reverse) {
-  const Activation act = parse_activation(nonlinearity);
-  const Dims d = check_forward_args(x, h0, w_ih, w_hh, bias);
-  const DType dtype = to_dtype(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
-  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
-  const at::Tensor b_c = bias ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
-  rnn_forward_cuda(out.data_ptr(), x_c.const_data_ptr(), h0_c.const_data_ptr(),
-                   w_ih_c.const_data_ptr(), w_hh_c.const_data_ptr(),
-                   bias ? b_c.const_data_ptr() : nullptr, d.T, d.B, d.I, d.H, dtype, act, reverse,
-                   requested_path(), at::cuda::getCurrentCUDAStream(),
-                   at::cuda::getCurrentCUDABlasHandle());
+  const ForwardArgs a(x, h0, w_ih, w_hh, bias, nonlinearity);
+  const DType dtype = to_dtype(x.scalar_type());
+  at::Tensor out = at::empty({a.d.T, a.d.B, a.d.H}, x.options());
+  rnn_forward_cuda(out.data_ptr(), a.x.const_data_ptr(), a.h0.const_data_ptr(),
+                   a.w_ih.const_data_ptr(), a.w_hh.const_data_ptr(),
+                   a.bias.defined() ? a.bias.const_data_ptr() : nullptr, a.d.T, a.d.B, a.d.I,
+                   a.d.H, dtype, a.act, reverse, requested_path(),
+                   at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
   return out;
 }
 
@@ -73,18 +69,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
     std::array<bool, 5> output_mask) {
-  const Activation act = parse_activation(nonlinearity);
-  const Dims d = check_backward_args(dout, x, h0, w_ih, w_hh, out);
-  const DType dtype = to_dtype(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor dout_c = dout.contiguous(), x_c = x.contiguous(), h0_c = h0.contiguous();
-  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous(), out_c = out.contiguous();
+  const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
+  const DType dtype = to_dtype(x.scalar_type());
+  const Dims& d = a.d;
   Grads grads(d, output_mask, x.options());
   at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
   rnn_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
-                    dz.data_ptr(), dout_c.const_data_ptr(), x_c.const_data_ptr(),
-                    h0_c.const_data_ptr(), w_ih_c.const_data_ptr(), w_hh_c.const_data_ptr(),
-                    out_c.const_data_ptr(), d.T, d.B, d.I, d.H, dtype, act, reverse,
+                    dz.data_ptr(), a.dout.const_data_ptr(), a.x.const_data_ptr(),
+                    a.h0.const_data_ptr(), a.w_ih.const_data_ptr(), a.w_hh.const_data_ptr(),
+                    a.out.const_data_ptr(), d.T, d.B, d.I, d.H, dtype, a.act, reverse,
                     requested_path(), at::cuda::getCurrentCUDAStream(),
                     at::cuda::getCurrentCUDABlasHandle());
   return grads.tuple();

@@ -73,6 +73,44 @@ inline Dims check_backward_args(const at::Tensor& dout, const at::Tensor& x, con
   return d;
 }
 
+// The forward op's arguments, checked (check_forward_args) and made contiguous: what the CPU
+// and the CUDA glue both start from. bias is undefined for None.
+struct ForwardArgs {
+  Activation act;
+  Dims d;
+  at::Tensor x, h0, w_ih, w_hh, bias;
+
+  ForwardArgs(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_,
+              const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias_,
+              c10::string_view nonlinearity)
+      : act(parse_activation(nonlinearity)),
+        d(check_forward_args(x_, h0_, w_ih_, w_hh_, bias_)),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        w_ih(w_ih_.contiguous()),
+        w_hh(w_hh_.contiguous()),
+        bias(bias_ ? bias_->contiguous() : at::Tensor()) {}
+};
+
+// The backward op's arguments, checked (check_backward_args) and made contiguous.
+struct BackwardArgs {
+  Activation act;
+  Dims d;
+  at::Tensor dout, x, h0, w_ih, w_hh, out;
+
+  BackwardArgs(const at::Tensor& dout_, const at::Tensor& x_, const at::Tensor& h0_,
+               const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& out_,
+               c10::string_view nonlinearity)
+      : act(parse_activation(nonlinearity)),
+        d(check_backward_args(dout_, x_, h0_, w_ih_, w_hh_, out_)),
+        dout(dout_.contiguous()),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        w_ih(w_ih_.contiguous()),
+        w_hh(w_hh_.contiguous()),
+        out(out_.contiguous()) {}
+};
+
 // The backward op's gradients, in its output order (dx, dh0, dw_ih, dw_hh, db): each one
 // allocated where output_mask asks for it, an empty [0] tensor otherwise.
 struct Grads {
