@@ -33,15 +33,41 @@ def rnn_layer(
     return torch.ops.rnnlm_ext.rnn_forward(x, h0, w_ih, w_hh, bias, nonlinearity, reverse)
 
 
+def _check_args(nonlinearity, x, w_hh, **others):
+    """The kernels' argument checks (csrc/rnn_args.h), for the fake kernels: the
+    nonlinearity, shapes from x [T,B,I] and w_hh [H,H], one dtype and one device. Returns
+    T, B, I, H."""
+    torch._check(nonlinearity in ("tanh", "relu"),
+                 lambda: f"rnnlm_ext: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
+    torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
+    torch._check(x.dtype.is_floating_point, lambda: f"rnnlm_ext: x must be a floating-point tensor, got {x.dtype}")
+    torch._check(w_hh.dim() == 2, lambda: f"rnnlm_ext: w_hh must be 2-D [H,H], got shape {list(w_hh.shape)}")
+    T, B, I = x.shape
+    H = w_hh.shape[0]
+    torch._check(T >= 1 and B >= 1 and I >= 1 and H >= 1,
+                 lambda: f"rnnlm_ext: T, B, I and H must all be >= 1, got x {list(x.shape)} and w_hh {list(w_hh.shape)}")
+    shapes = {"w_hh": [H, H], "w_ih": [H, I], "h0": [B, H], "bias": [H], "dout": [T, B, H], "out": [T, B, H]}
+    for name, t in (("w_hh", w_hh), *others.items()):
+        if t is None:
+            continue
+        torch._check(list(t.shape) == shapes[name],
+                     lambda: f"rnnlm_ext: {name} must have shape {shapes[name]}, got {list(t.shape)}")
+        torch._check(t.dtype == x.dtype,
+                     lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+        torch._check(t.device == x.device,
+                     lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    return T, B, I, H
+
+
 @torch.library.register_fake("rnnlm_ext::rnn_forward")
 def _rnn_forward_fake(x, h0, w_ih, w_hh, bias, nonlinearity, reverse):
-    torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
-    T, B, _ = x.shape
-    return x.new_empty((T, B, w_hh.shape[0]))
+    T, B, _, H = _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, bias=bias)
+    return x.new_empty((T, B, H))
 
 
 @torch.library.register_fake("rnnlm_ext::rnn_backward")
 def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, output_mask):
+    _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, dout=dout, out=out)
     shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (w_hh.shape[0],))
     return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
 

@@ -3,15 +3,16 @@ through ops.force_cuda_path): every output and gradient against the pure-PyTorch
 and against torch.nn.RNN (cuDNN), gradcheck, opcheck, torch.compile, float16/bfloat16 within
 PyTorch's own error, outputs checked for unwritten elements. Skips where there is no GPU.
 
-Every check draws fresh random inputs (no fixed seed) and first fills the caching allocator's
-free memory with NaN, so an output or workspace element the kernels fail to write shows up.
+Inputs are seeded (helpers.make_inputs: the same numbers as on the CPU), and every check first
+fills the caching allocator's free memory with NaN, so an output or workspace element the
+kernels fail to write shows up.
 """
 import math
 
 import pytest
 import torch
 
-from helpers import TOL, assert_rel_close
+from helpers import TOL, assert_rel_close, live_inputs, make_inputs
 from rnnlm_ext import ops, reference
 
 pytestmark = [
@@ -50,14 +51,6 @@ def poison_cuda_cache():
     del blocks
 
 
-def make_inputs(T, B, I, H, dtype, bias=True):
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, dtype=torch.float64) * scale).to("cuda", dtype).requires_grad_()
-
-    s = 1.0 / H**0.5  # nn.RNN's scale: states neither vanish nor saturate
-    return rand(T, B, I), rand(B, H), rand(H, I, scale=s), rand(H, H, scale=s), rand(H, scale=s) if bias else None
-
-
 def run_op(inputs, nonlinearity, reverse, dout):
     """out and every gradient (None for a missing bias) of the op, on a poisoned cache."""
     leaves = [t for t in inputs if t is not None]
@@ -70,13 +63,14 @@ def run_op(inputs, nonlinearity, reverse, dout):
 
 
 def _test_correctness(dtype, T, B, I, H, nonlinearity, reverse, bias):
-    inputs = make_inputs(T, B, I, H, dtype, bias)
-    dout = torch.randn(T, B, H, dtype=dtype, device="cuda")
+    inputs, seed = live_inputs(T, B, I, H, dtype, "cuda", nonlinearity, reverse, bias)
+    dout = torch.randn(T, B, H, generator=torch.Generator().manual_seed(seed), dtype=dtype).cuda()
     out, grads = run_op(inputs, nonlinearity, reverse, dout)
     expected = reference.rnn_layer(*inputs, nonlinearity, reverse)
     expected_grads = torch.autograd.grad(expected, [t for t in inputs if t is not None], dout)
     assert_rel_close(out, expected, TOL[dtype], "out")
     for name, g, e in zip(GRAD_NAMES, grads, expected_grads):
+        assert e.abs().max() > 0, f"{name} is all zeros: comparing it would test nothing"
         assert_rel_close(g, e, TOL[dtype], name)
 
 
@@ -95,7 +89,7 @@ def test_matches_cudnn_float64(path, nonlinearity, reverse, T, B, I, H):
     """torch.nn.RNN (cuDNN) with the same weights: out, h_n and the gradients of x, h0 and all
     four parameters (each bias gets db). The reverse direction is nn.RNN on the flipped
     sequence, flipped back."""
-    x, h0, w_ih, w_hh, b_ih = make_inputs(T, B, I, H, torch.float64)
+    x, h0, w_ih, w_hh, b_ih = make_inputs(T, B, I, H, torch.float64, "cuda")
     b_hh = (torch.randn(H, dtype=torch.float64, device="cuda") / H**0.5).requires_grad_()
     leaves = [x, h0, w_ih, w_hh, b_ih, b_hh]
     dout = torch.randn(T, B, H, dtype=torch.float64, device="cuda")
@@ -125,7 +119,7 @@ def test_matches_cudnn_float64(path, nonlinearity, reverse, T, B, I, H):
 def test_low_precision_within_pytorch_error(path, dtype, nonlinearity, T, B, I, H):
     """The op in float16/bfloat16 (float32 accumulation) is as close to the float64 result as
     PyTorch's own run of the reference loop in that dtype, within a factor of 4."""
-    inputs = make_inputs(T, B, I, H, dtype)
+    inputs = make_inputs(T, B, I, H, dtype, "cuda")
     dout = torch.randn(T, B, H, dtype=dtype, device="cuda")
     out, grads = run_op(inputs, nonlinearity, False, dout)
 
@@ -150,7 +144,7 @@ def test_low_precision_within_pytorch_error(path, dtype, nonlinearity, T, B, I, 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck(path, nonlinearity, reverse, bias):
-    inputs = make_inputs(4, 3, 3, 5, torch.float64, bias)
+    inputs = make_inputs(4, 3, 3, 5, torch.float64, "cuda", bias=bias)
     assert torch.autograd.gradcheck(lambda *a: ops.rnn_layer(*a, nonlinearity, reverse), inputs)
 
 
@@ -159,9 +153,9 @@ def test_opcheck(path, requires_grad):
     for bias in (True, False):
         for nonlinearity, reverse in (("tanh", False), ("relu", True)):
             inputs = [t.detach().requires_grad_(requires_grad) if t is not None else None
-                      for t in make_inputs(3, 2, 4, 37, torch.float64, bias)]
+                      for t in make_inputs(3, 2, 4, 37, torch.float64, "cuda", bias=bias)]
             torch.library.opcheck(torch.ops.rnnlm_ext.rnn_forward.default, (*inputs, nonlinearity, reverse))
-    x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(3, 2, 4, 37, torch.float64))
+    x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(3, 2, 4, 37, torch.float64, "cuda"))
     out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
     for mask in ([True] * 5, [False, True, False, True, True], [False] * 5):
         torch.library.opcheck(
@@ -170,7 +164,7 @@ def test_opcheck(path, requires_grad):
 
 
 def test_masked_gradients_are_empty(path):
-    x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(5, 3, 4, 6, torch.float32))
+    x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(5, 3, 4, 6, torch.float32, "cuda"))
     out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
     grads = torch.ops.rnnlm_ext.rnn_backward(torch.randn_like(out), x, h0, w_ih, w_hh, out, "tanh", False,
                                              [False, False, True, False, True])
@@ -178,7 +172,7 @@ def test_masked_gradients_are_empty(path):
 
 
 def test_torch_compile_fullgraph_equals_eager(path):
-    args = make_inputs(6, 3, 4, 45, torch.float32)
+    args = make_inputs(6, 3, 4, 45, torch.float32, "cuda")
 
     def f(x, h0, w_ih, w_hh, b):
         out = ops.rnn_layer(x, h0, w_ih, w_hh, b, "tanh", False)
@@ -194,7 +188,7 @@ def test_torch_compile_fullgraph_equals_eager(path):
 def test_runs_on_the_callers_stream(path):
     """Kernels are ordered on the caller's stream: a result read on that stream after the call
     is complete without a device-wide synchronisation."""
-    inputs = make_inputs(12, 5, 8, 40, torch.float64)
+    inputs = make_inputs(12, 5, 8, 40, torch.float64, "cuda")
     expected = reference.rnn_layer(*inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -216,7 +210,7 @@ def test_path_choice():
     with ops.force_cuda_path("per_step"):
         assert ops.cuda_path(8, 512) == "per_step"
     with ops.force_cuda_path("persistent"):
-        x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(2, 65, 3, 8, torch.float32))
+        x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(2, 65, 3, 8, torch.float32, "cuda"))
         with pytest.raises(RuntimeError, match="persistent CUDA path"):
             ops.rnn_layer(x, h0, w_ih, w_hh, b)
 
