@@ -41,7 +41,8 @@ def test_char_level_text_file_through_the_console_entry(tmp_path):
     gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "generate", "--checkpoint", str(run),
                           "--prompt", "to be", "--tokens", "20", "--seed", "3"], capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.startswith("to be") and len(gen.stdout.rstrip("\n")) >= len("to be") + 1
+    text = gen.stdout.removesuffix("\n")  # print's newline; a generated one stays
+    assert text.startswith("to be") and len(text) >= len("to be") + 20, repr(text)  # 20 tokens, >= 1 char each
 
 
 @pytest.mark.parametrize("args,message", [
