@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -268,7 +269,9 @@ def main(argv=None) -> List[Row]:
     p.add_argument("--shapes", type=parse_shapes, help="'T,B,H;...' (I = H); default: the issue's grid")
     p.add_argument("--nonlinearity", choices=["tanh", "relu", "both"], default=None,
                    help="default: both on the CPU, tanh on the GPU")
-    p.add_argument("--dtypes", default=None, help="comma-separated; default float32 (CPU), float32,bfloat16 (GPU)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated, of float32, float64 (CPU and GPU), bfloat16, float16 (GPU); "
+                        "default float32 (CPU), float32,bfloat16 (GPU)")
     p.add_argument("--repeats", type=int, default=25, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-python-loop", action="store_true", help="skip the pure-Python loop")
@@ -278,11 +281,21 @@ def main(argv=None) -> List[Row]:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here")
-
     cuda = args.device == "cuda"
+    allowed = ["float32", "float64"] + (["bfloat16", "float16"] if cuda else [])
+    names = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
+    if not names or any(n not in allowed for n in names):
+        p.error(f"--dtypes takes a comma-separated list of {', '.join(allowed)} on {args.device}, got {args.dtypes!r}")
+    try:  # a folder that cannot take the results fails now, not after minutes of timing
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as err:
+        p.error(f"--out: cannot write to the folder {args.out!r} ({err.strerror})")
+
     shapes = args.shapes or ([(CUDA_T, b, h) for h in CUDA_HIDDEN for b in CUDA_BATCHES] if cuda else CPU_SHAPES)
     acts = {"both": ["tanh", "relu"], None: ["tanh"] if cuda else ["tanh", "relu"]}.get(args.nonlinearity, [args.nonlinearity])
-    dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")]
+    dtypes = [getattr(torch, n) for n in names]
     python_loop = not args.no_python_loop and not cuda
 
     rows: List[Row] = []
@@ -306,7 +319,6 @@ def main(argv=None) -> List[Row]:
     table = markdown(rows)
     print()
     print(table)
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"rnn_{args.device}")
     meta = {
         "date": time.strftime("%Y-%m-%d"),

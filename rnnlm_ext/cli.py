@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional
@@ -12,36 +13,46 @@ from rnnlm_ext import data, models
 from rnnlm_ext.train import RNN_CLASSES, TrainConfig, TrainingError, load_checkpoint, model_from_checkpoint, train
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
     d = TrainConfig()
     p = sub.add_parser("train", help="train a language model with stateful truncated BPTT (defaults: the main job)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", default=d.dataset, help="'human-numbers', or a text file or folder of .txt files")
-    p.add_argument("--level", default=d.level, choices=["word", "char"])
-    p.add_argument("--min-freq", type=int, default=d.min_freq, help="rarer tokens become <unk>")
-    p.add_argument("--max-vocab", type=int, default=d.max_vocab, help="keep at most this many tokens")
-    p.add_argument("--model", default=d.model, choices=models.MODELS)
+    p.add_argument("--level", default=d.level, choices=["word", "char"], help="tokens: words or characters")
+    p.add_argument("--min-freq", type=int, default=d.min_freq,
+                   help="rarer tokens become <unk> (text data sets; human-numbers keeps its whole vocabulary)")
+    p.add_argument("--max-vocab", type=int, default=d.max_vocab,
+                   help="keep at most this many tokens (text data sets, as --min-freq)")
+    p.add_argument("--model", default=d.model, choices=models.MODELS,
+                   help="rnn: RNNLM on --rnn; seed: the seed's shared-weight cell; lmmodel1-4: fastbook's")
     p.add_argument("--rnn", default=d.rnn, choices=sorted(RNN_CLASSES), help="recurrent layer of --model rnn")
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--nonlinearity", default=d.nonlinearity, choices=["relu", "tanh"])
-    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--layers", type=int, default=d.layers, help="recurrent layers")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden units per layer (also the embedding size)")
+    p.add_argument("--nonlinearity", default=d.nonlinearity, choices=["relu", "tanh"], help="the recurrent activation")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability in [0, 1)")
     p.add_argument("--tie-weights", action="store_true", help="share the embedding with the output layer")
     p.add_argument("--bptt", type=int, default=d.bptt, help="tokens per batch row (truncated BPTT length)")
     p.add_argument("--bs", type=int, default=d.bs, help="batch rows per process")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the train stream")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--wd", type=float, default=d.wd, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=d.clip, help="max gradient norm (0: off)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, dropout and sampling")
     p.add_argument("--save", metavar="DIR", help="write DIR/checkpoint.pt (atomically) after every epoch")
     p.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS",
-                   help="also checkpoint every STEPS steps")
-    p.add_argument("--stop-after", type=int, metavar="STEPS", help="stop, checkpointed, after STEPS steps in all")
-    p.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR exactly (its settings win)")
+                   help="also checkpoint every STEPS steps (0: at the end of each epoch only)")
+    p.add_argument("--stop-after", type=int, metavar="STEPS", help="stop after STEPS steps in all (checkpointed with --save)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR exactly, with its settings (a flag that would change one is an error)")
     p.add_argument("--json", metavar="PATH", help="write per-epoch metrics and final results as JSON")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="a progress bar per epoch (default: on a terminal only)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="a progress bar per epoch (without the flag: on a terminal only)")
+    return p
+
+
+def _given(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
+    """The destinations of the options written out in argv (abbreviations are off)."""
+    written = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return [action.dest for action in parser._actions if written & set(action.option_strings)]
 
 
 def _generate_parser(sub) -> None:
@@ -51,7 +62,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="text to start from (its tokens must be in the vocabulary, or map to <unk>)")
     p.add_argument("--tokens", type=int, default=30, help="how many tokens to sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0: always the most likely token")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
 
 
 @torch.no_grad()
@@ -64,8 +75,8 @@ def generate(model, vocab: data.Vocab, level: str, prompt: str, n_tokens: int, t
     """
     if n_tokens < 0:
         raise ValueError(f"--tokens must be >= 0, got {n_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: the most likely token), got {temperature}")
     tokens = list(prompt) if level == "char" else prompt.split()
     if not tokens:
         raise ValueError("--prompt must hold at least one token")
@@ -102,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__.split(":")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     _generate_parser(sub)
     sub.add_parser("bench", help="benchmark the fused layer (see `rnnlm bench --help`)", add_help=False)
     args = parser.parse_args(argv)
@@ -113,7 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             # on them takes a slow microcode path: throughput fell from 97k to 67k tokens/s over
             # the main job's epochs. Flushing them to zero keeps it flat, with the same losses.
             torch.set_flush_denormal(True)
-            result = train(cfg)
+            result = train(cfg, given=_given(train_parser, argv[1:]))
+            if "signal" in result:
+                return 128 + result["signal"]  # stopped by Ctrl-C or SIGTERM, checkpointed with --save
             if "final" in result and "stopped_at_step" not in result and os.environ.get("RANK", "0") == "0":
                 f = result["final"]
                 print(f"final: valid_loss {f['valid_loss']:.4f}  valid_accuracy {f['valid_accuracy']:.4f}  "

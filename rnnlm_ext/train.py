@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
 import random
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,8 @@ class TrainConfig:
 # Settings that define a run; on --resume they come from the checkpoint, the rest from the caller.
 RUN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
               if f.name not in ("save", "save_every", "stop_after", "resume", "json", "progress")]
+CHECKPOINT_KEYS = ["config", "vocab", "model"]  # what generate needs; resuming needs RESUME_KEYS too
+RESUME_KEYS = ["optimizer", "scheduler", "epoch", "batch", "hidden", "per_rank", "history", "world_size"]
 
 
 class TrainingError(RuntimeError):
@@ -69,13 +73,22 @@ class TrainingError(RuntimeError):
 
 
 def _check(cfg: TrainConfig) -> None:
-    for name in ("bptt", "bs", "epochs", "layers", "hidden"):
+    for name in ("bptt", "bs", "epochs", "layers", "hidden", "min_freq"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_vocab", "stop_after"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0 (0: at the end of each epoch only), got {cfg.save_every}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    for name, what in (("wd", "(0: no weight decay)"), ("clip", "(0: no clipping)")):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} must be a finite number >= 0 {what}, got {value}")
     if cfg.nonlinearity not in ("relu", "tanh"):
         raise ValueError(f"--nonlinearity must be relu or tanh, got {cfg.nonlinearity!r}")
     if cfg.rnn not in RNN_CLASSES:
@@ -167,16 +180,44 @@ def _check_in_sync(model: nn.Module) -> None:
         raise TrainingError("the processes' weights differ: distributed training is out of sync")
 
 
-def _atomic_save(obj, folder: str) -> None:
-    """Write to a temporary file, then rename: a crash mid-save leaves the previous checkpoint intact."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, CHECKPOINT)
+def _check_writable(folder: str, flag: str) -> None:
+    """Make `folder` and write a file in it, so that a path that cannot take the output fails
+    before training, with the flag's name, rather than after it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag}: {folder!r} exists and is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag}: cannot write to the folder {folder!r} ({err.strerror})") from None
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    """write(file) to a temporary file beside `path`, then rename it over `path`: a crash or
+    an error mid-write leaves the previous file intact and no temporary behind."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
+
+
+def _atomic_save(obj, folder: str) -> None:
+    """DIR/checkpoint.pt, atomically: a crash mid-save leaves the previous checkpoint intact."""
+    os.makedirs(folder, exist_ok=True)
+    _atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(folder: str) -> dict:
@@ -188,8 +229,15 @@ def load_checkpoint(folder: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for a truncated or foreign file
         raise ValueError(f"--checkpoint/--resume: {path!r} is not a readable checkpoint ({err})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"--checkpoint/--resume: {path!r} is not an rnnlm checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise ValueError(f"--checkpoint/--resume: {path!r} is not a checkpoint of `rnnlm train --save` "
+                         f"(it lacks {', '.join(missing)})")
+    config = ckpt["config"]
+    if not isinstance(config, dict) or set(config) != set(RUN_FIELDS):
+        raise ValueError(f"--checkpoint/--resume: the settings stored in {path!r} are not those of this "
+                         f"version of rnnlm train (expected {', '.join(RUN_FIELDS)})")
+    ckpt["path"] = path
     return ckpt
 
 
@@ -199,8 +247,24 @@ def model_from_checkpoint(ckpt: dict):
     vocab = data.Vocab.from_state_dict(ckpt["vocab"])
     model = models.build_model(cfg.model, len(vocab), cfg.hidden, cfg.layers, cfg.nonlinearity,
                                cfg.dropout, cfg.tie_weights, RNN_CLASSES[cfg.rnn])
-    model.load_state_dict(ckpt["model"])
+    _load_weights(model, ckpt)
     return model.eval(), vocab, cfg
+
+
+def _load_weights(model: nn.Module, ckpt: dict) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"--checkpoint/--resume: the weights in {ckpt['path']!r} do not fit the model its "
+                         f"settings describe ({str(err).splitlines()[-1].strip()})") from None
+
+
+def _fingerprint(corpus: data.Corpus) -> dict:
+    """What identifies the token streams a run reads: a resumed run must read the same."""
+    digest = hashlib.sha256()
+    for ids in (corpus.train, corpus.valid):
+        digest.update(ids.numpy().tobytes())
+    return {"train_tokens": len(corpus.train), "valid_tokens": len(corpus.valid), "sha256": digest.hexdigest()}
 
 
 class _StopRequest:
@@ -208,6 +272,7 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None
         self._previous = {}
 
     def __enter__(self):
@@ -217,22 +282,25 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Sequence[str] = ()) -> dict:
     """Train as cfg says; returns {'config', 'epochs': [...], 'final': {...}} (also written to cfg.json).
 
+    given: the fields of cfg its caller set on purpose (the command line's flags). On resume a
+    run-defining one that differs from the checkpoint's is an error, not silently ignored.
     Under torchrun (WORLD_SIZE > 1) it joins a gloo process group and wraps the model in DDP;
     only rank 0 logs and writes files.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
         dist.init_process_group("gloo")
     try:
-        return _train(cfg, log)
+        return _train(cfg, log, given)
     finally:
         if _distributed():
             # The DDP wrapper sits in reference cycles, so only the garbage collector frees it,
@@ -243,12 +311,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
+def _train(cfg: TrainConfig, log: Callable[[str], None], given: Sequence[str]) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     log = log if rank == 0 else (lambda _: None)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise ValueError(f"--resume: {ckpt['path']!r} cannot be resumed (it lacks {', '.join(missing)})")
+        changed = [k for k in RUN_FIELDS if k in given and getattr(cfg, k) != ckpt["config"][k]]
+        if changed:
+            raise ValueError(
+                "--resume continues the run with the settings it was checkpointed with; "
+                + ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run's: {ckpt['config'][k]})" for k in changed)
+                + ". Start a new run (without --resume) to change them.")
         cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in RUN_FIELDS})
         if ckpt["world_size"] != world:
             raise ValueError(f"--resume: the run was checkpointed with {ckpt['world_size']} processes, now {world}")
@@ -257,6 +334,14 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     seed_everything(cfg.seed)
     vocab = data.Vocab.from_state_dict(ckpt["vocab"]) if ckpt else None
     corpus = data.load_corpus(cfg.dataset, cfg.level, cfg.min_freq, cfg.max_vocab, vocab)
+    fingerprint = _fingerprint(corpus)
+    if ckpt and ckpt.get("data", fingerprint) != fingerprint:  # older checkpoints have no fingerprint
+        then, now = ckpt["data"], fingerprint
+        raise ValueError(
+            f"--resume: the data set {cfg.dataset!r} changed since the checkpoint ({then['train_tokens']:,} train / "
+            f"{then['valid_tokens']:,} valid tokens then, {now['train_tokens']:,} / {now['valid_tokens']:,} now"
+            f"{', same counts but other tokens' if then['train_tokens'] == now['train_tokens'] and then['valid_tokens'] == now['valid_tokens'] else ''}); "
+            "resuming would not continue the same run")
     # Every process cuts the stream into world·bs rows and keeps its own bs of them.
     train_rows = data.batchify(corpus.train, cfg.bs * world, "train")[rank * cfg.bs : (rank + 1) * cfg.bs]
     valid_rows = data.batchify(corpus.valid, cfg.bs * world, "valid")[rank * cfg.bs : (rank + 1) * cfg.bs]
@@ -265,11 +350,13 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
         if data.num_batches(rows, cfg.bptt, drop_last) == 0:
             raise ValueError(f"--bptt {cfg.bptt} is longer than a {name} row ({rows.shape[1]} tokens at --bs {cfg.bs})")
-    if cfg.json and rank == 0:  # make its folder now, as --save does: a bad path fails before training
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"--json: cannot make the folder of {cfg.json!r} ({err.strerror})") from None
+    if rank == 0:  # a path that cannot take the output fails now, not after training
+        if cfg.save:
+            _check_writable(cfg.save, "--save")
+        if cfg.json:
+            if os.path.isdir(cfg.json):
+                raise ValueError(f"--json: {cfg.json!r} is a folder; give a file path")
+            _check_writable(os.path.dirname(os.path.abspath(cfg.json)), "--json")
 
     model = models.build_model(cfg.model, len(corpus.vocab), cfg.hidden, cfg.layers, cfg.nonlinearity,
                                cfg.dropout, cfg.tie_weights, RNN_CLASSES[cfg.rnn])
@@ -292,7 +379,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     history: List[dict] = []
     epoch, start_batch, running = 0, 0, {"loss": 0.0, "tokens": 0, "time": 0.0, "losses": []}
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        _load_weights(model, ckpt)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history, epoch, start_batch = ckpt["history"], ckpt["epoch"], ckpt["batch"]
@@ -319,7 +406,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
             "config": {k: getattr(cfg, k) for k in RUN_FIELDS}, "vocab": corpus.vocab.state_dict(),
             "model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "epoch": epoch, "batch": batch, "hidden": hidden, "per_rank": per_rank, "history": history,
-            "world_size": world,
+            "world_size": world, "data": fingerprint,
         }, cfg.save)
 
     if not ckpt:
@@ -351,7 +438,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
                              else f"no checkpoint was written to {cfg.save} yet")
                     raise TrainingError(
                         f"loss is {value} at epoch {epoch + 1}, batch {k + 1}: training stopped "
-                        f"({where}). Try a lower --lr or a smaller --clip.")
+                        f"({where}). Try a new run with a lower --lr or a smaller --clip (--resume keeps the run's settings).")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip:
@@ -383,7 +470,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
             train_loss = _all_reduce_sum([running["loss"]])[0] / running["tokens"]
             history.append({
                 "epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
-                "valid_accuracy": valid_acc, "perplexity": math.exp(valid_loss),
+                "valid_accuracy": valid_acc, "perplexity": _perplexity(valid_loss),
                 "tokens_per_s": running["tokens"] / running["time"], "train_tokens": running["tokens"],
                 "train_time": running["time"], "time": running["time"] + time.perf_counter() - t_valid,
                 "step_losses": running["losses"],  # this process's loss at every step, for plots
@@ -404,11 +491,16 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict:
         }
     if stopped is not None:
         result["stopped_at_step"] = stopped
+        if stop.signum is not None:
+            result["signal"] = stop.signum  # the command exits 128 + signum, as the shell's convention
         log(f"stopped after step {stopped}" + (f"; continue with --resume {cfg.save}" if cfg.save else ""))
     if cfg.json and rank == 0:
-        with open(cfg.json, "w") as f:
-            json.dump(result, f, indent=1)
+        _atomic_write(cfg.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 709 else math.inf  # exp overflows a float from 709.8
 
 
 def _row(e: dict) -> str:

@@ -37,6 +37,20 @@ def test_bad_shapes_flag_is_refused(shapes, capsys):
     assert exit_.value.code == 2 and "--shapes takes 'T,B,H" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--dtypes", "foo"], "--dtypes takes a comma-separated list of float32, float64 on cpu"),
+    (["--dtypes", "float16"], "--dtypes takes a comma-separated list of float32, float64 on cpu"),
+    (["--out", "FILE/sub"], "--out: cannot write to the folder"),
+])
+def test_bad_flags_are_refused_before_timing(args, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    args = [a.replace("FILE", str(tmp_path / "a_file")) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args)
+    err = capsys.readouterr()
+    assert exit_.value.code == 2 and message in err.err and "matmul" not in err.out, err
+
+
 def test_markdown_adds_the_grid_sync_table_only_for_rows_that_have_it():
     cpu = bench.Row("cpu", "float32", "tanh", 4, 2, 8, "fwd", {"rnnlm_ext": 1.0, "nn.RNN": 2.0}, 0.5)
     assert "grid sync" not in bench.markdown([cpu])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from rnnlm_ext.train import CHECKPOINT, TrainConfig, TrainingError, load_checkpoint, train
+from rnnlm_ext.train import CHECKPOINT, TrainConfig, TrainingError, _atomic_write, _perplexity, load_checkpoint, train
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
 SMALL = dict(hidden=16, layers=2, dropout=0.2, epochs=2, progress=False)
@@ -50,7 +50,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     ckpt = str(tmp_path / "run")
     train(TrainConfig(**{**SMALL, "epochs": 1}, save=ckpt), log=quiet)
     good = load_checkpoint(ckpt)
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*stopped.*lower --lr"):
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*stopped.*new run with a lower --lr"):
         train(TrainConfig(**{**SMALL, "epochs": 1}, lr=1e12, clip=0, save=ckpt, save_every=1), log=quiet)
     kept = load_checkpoint(ckpt)
     assert all(torch.isfinite(p).all() for p in kept["model"].values())
@@ -69,11 +69,81 @@ def test_corrupt_and_missing_checkpoints_are_reported(tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("bptt", 0, "--bptt must be >= 1"), ("bs", 40000, "--bs 40000 is too large"),
-    ("dropout", 1.0, "--dropout"), ("lr", 0.0, "--lr must be > 0"),
+    ("dropout", 1.0, "--dropout"), ("lr", 0.0, "--lr must be a finite number > 0"),
+    ("lr", math.inf, "--lr must be a finite number > 0"), ("lr", math.nan, "--lr must be a finite number > 0"),
+    ("clip", -1.0, "--clip must be a finite number >= 0"), ("clip", math.nan, "--clip must be a finite number >= 0"),
+    ("wd", -1.0, "--wd must be a finite number >= 0"), ("save_every", -1, "--save-every must be >= 0"),
+    ("stop_after", 0, "--stop-after must be >= 1"), ("min_freq", 0, "--min-freq must be >= 1"),
+    ("max_vocab", 0, "--max-vocab must be >= 1"),
 ])
 def test_bad_settings_name_the_flag(field, value, message):
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**{**SMALL, field: value}), log=quiet)
+
+
+def test_output_paths_that_cannot_be_written_fail_before_training(tmp_path):
+    lines = []
+    (tmp_path / "a_file").write_text("")
+    for kwargs, message in [
+        (dict(save=str(tmp_path / "a_file")), "--save: .* exists and is not a folder"),
+        (dict(save=str(tmp_path / "a_file" / "run")), "--save: cannot write to the folder"),
+        (dict(json=str(tmp_path)), "--json: .* is a folder; give a file path"),
+        (dict(json=str(tmp_path / "a_file" / "r.json")), "--json: .*a_file' exists and is not a folder"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train(TrainConfig(**SMALL, **kwargs), log=lines.append)
+    assert lines == []  # nothing trained
+
+
+def test_resume_refuses_changed_settings_and_a_changed_data_set(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["one two three four five six"] * 300))
+    run = str(tmp_path / "run")
+    small = dict(SMALL, dataset=str(text), bs=8)
+    train(TrainConfig(**small, save=run, stop_after=5), log=quiet)
+    with pytest.raises(ValueError, match=r"--resume continues the run .* --lr 0.01 \(the run's: 0.003\)"):
+        train(TrainConfig(resume=run, lr=0.01), log=quiet, given=["lr"])
+    before = load_checkpoint(run)["batch"]
+    text.write_text(" ".join(["one two three four five six"] * 400))
+    with pytest.raises(ValueError, match=r"--resume: the data set .* changed since the checkpoint"):
+        train(TrainConfig(resume=run, progress=False), log=quiet)
+    assert load_checkpoint(run)["batch"] == before  # the checkpoint is left as it was
+
+
+def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
+    run = str(tmp_path / "run")
+    train(TrainConfig(**SMALL, save=run, stop_after=3), log=quiet)
+    good = torch.load(os.path.join(run, CHECKPOINT), weights_only=False)
+    for name, change, message in [
+        ("weights", lambda c: c["config"].update(hidden=32), "the weights in .* do not fit the model"),
+        ("no_vocab", lambda c: c.pop("vocab"), "is not a checkpoint of `rnnlm train --save` .*lacks vocab"),
+        ("settings", lambda c: c["config"].update(foo=1), "the settings stored in .* are not those of this version"),
+        ("no_optimizer", lambda c: c.pop("optimizer"), "--resume: .* cannot be resumed .*lacks optimizer"),
+    ]:
+        ckpt = {**good, "config": dict(good["config"])}
+        change(ckpt)
+        (tmp_path / name).mkdir()
+        torch.save(ckpt, tmp_path / name / CHECKPOINT)
+        with pytest.raises(ValueError, match=message):
+            train(TrainConfig(resume=str(tmp_path / name), progress=False), log=quiet)
+
+
+def test_perplexity_of_a_diverged_model_is_inf_not_an_overflow():
+    assert _perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert _perplexity(888.5) == math.inf
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("previous")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _atomic_write(str(path), fail)
+    assert path.read_text() == "previous" and not (tmp_path / "r.json.tmp").exists()
 
 
 @pytest.mark.parametrize("model,bptt", [("lmmodel1", 3), ("lmmodel3", 3), ("seed", 8)])
