@@ -81,6 +81,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout):
+    if torch.is_grad_enabled():  # create_graph=True: the gradient would itself be differentiated
+        raise RuntimeError(
+            "rnnlm_ext: the fused RNN's backward is not differentiable (no double backward, "
+            "create_graph=True): its gradients would differentiate as zero. For higher-order "
+            "gradients use torch.nn.RNN or rnnlm_ext.reference.rnn_layer."
+        )
     x, h0, w_ih, w_hh, out = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:5])  # x, h0, w_ih, w_hh, bias
     grads = torch.ops.rnnlm_ext.rnn_backward(

@@ -307,3 +307,14 @@ def test_time_loop_without_a_second_thread():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_double_backward_is_refused_not_silently_zero():
+    """The backward op has no derivative of its own: create_graph=True must fail loudly
+    (nn.RNN would give a true second derivative, a silent zero would mislead)."""
+    x, h0, w_ih, w_hh, b = make_inputs(4, 2, 3, 5, torch.float64)
+    out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
+    with pytest.raises(RuntimeError, match="backward is not differentiable"):
+        torch.autograd.grad(out.pow(2).sum(), w_hh, create_graph=True)
+    (g,) = torch.autograd.grad(ops.rnn_layer(x, h0, w_ih, w_hh, b).pow(2).sum(), w_hh)  # first order still works
+    assert g.abs().max() > 0
