@@ -3,7 +3,7 @@ throughput of RNNLM on rnnlm_ext.RNN vs torch.nn.RNN vs the Python-loop referenc
 tiny-shakespeare at character level with both layers.
 
 Prints markdown tables; writes OUT/bench_lm.json and the loss-curve plots OUT/*.png.
-    python bench/bench_lm.py                     # everything (about 10 minutes on 2 cores)
+    python bench/bench_lm.py                     # everything (about 2.5 minutes on 2 cores)
     python bench/bench_lm.py --sections throughput --repeats 7
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark of one RNN layer: rnnlm_ext.RNN against torch.nn.RNN and the pure-Python loop.
 
-Protocol (DESIGN.md): correctness is checked before any timing; every implementation is timed
+Protocol: correctness is checked before any timing; every implementation is timed
 side by side in one run (these machines are noisy, so only ratios from one run mean much);
 median of repeated runs after warm-up; on the GPU, CUDA events with synchronisation. The
 floor is the time the layer's GEMM FLOPs (6·T·B·H·(I+H) forward+backward, 2·T·B·H·(I+H)
