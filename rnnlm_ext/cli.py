@@ -22,7 +22,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--min-freq", type=int, default=d.min_freq,
                    help="rarer tokens become <unk> (text data sets; human-numbers keeps its whole vocabulary)")
     p.add_argument("--max-vocab", type=int, default=d.max_vocab,
-                   help="keep at most this many tokens (text data sets, as --min-freq)")
+                   help="keep this many most frequent tokens, plus <unk> (text data sets, as --min-freq)")
     p.add_argument("--model", default=d.model, choices=models.MODELS,
                    help="rnn: RNNLM on --rnn; seed: the seed's shared-weight cell; lmmodel1-4: fastbook's")
     p.add_argument("--rnn", default=d.rnn, choices=sorted(RNN_CLASSES), help="recurrent layer of --model rnn")

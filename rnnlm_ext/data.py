@@ -80,7 +80,7 @@ def _read_documents(path: str) -> List[str]:
     docs = []
     for f in files:
         try:
-            with open(f, encoding="utf-8") as fh:
+            with open(f, encoding="utf-8-sig") as fh:  # -sig: a leading byte-order mark is not text
                 docs.append(fh.read())
         except UnicodeDecodeError as err:
             raise ValueError(f"--dataset: {f!r} is not UTF-8 text ({err})") from None
@@ -120,7 +120,9 @@ class Vocab:
         if min_freq < 1:
             raise ValueError(f"--min-freq must be >= 1, got {min_freq}")
         counts = collections.Counter(tokens)
-        kept = [t for t in counts if counts[t] >= min_freq]  # Counter keeps first-appearance order
+        # Counter keeps first-appearance order; a literal UNK in the text (PTB and WikiText
+        # have one) is the unknown token, not a word competing for one of the max_size places
+        kept = [t for t in counts if counts[t] >= min_freq and t != UNK]
         if max_size is not None:
             if max_size < 1:
                 raise ValueError(f"--max-vocab must be >= 1, got {max_size}")
@@ -128,7 +130,7 @@ class Vocab:
             kept = [t for t in kept if t in top]
         if not unk and len(kept) < len(counts):
             raise ValueError("a vocabulary without an unknown token must keep every token")
-        return cls(([UNK] if unk else []) + [t for t in kept if t != UNK], unk)
+        return cls(([UNK] if unk else []) + kept, unk)
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -36,10 +36,18 @@ def test_vocab_min_freq_max_size_and_unk():
     assert v.encode(["c", "d", "zzz"]).tolist() == [0, 3, 0]
     v = data.Vocab.build(tokens, max_size=2)
     assert v.itos == [data.UNK, "a", "d"]
+    # a literal <unk> in the text is the unknown token, not one of the max_size words
+    assert data.Vocab.build(tokens + [data.UNK] * 5, max_size=2).itos == [data.UNK, "a", "d"]
     closed = data.Vocab.build(tokens, unk=False)
     with pytest.raises(KeyError, match="'zzz'"):
         closed.encode(["zzz"])
     assert data.Vocab.from_state_dict(v.state_dict()).itos == v.itos
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhi there\n".encode("utf-8"))
+    assert data.text_tokens(str(tmp_path / "bom.txt"), "word")[0] == "hi"
+    assert data.text_tokens(str(tmp_path / "bom.txt"), "char")[0] == "h"
 
 
 def test_text_files_and_folders(tmp_path):
