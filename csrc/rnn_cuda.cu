@@ -356,43 +356,60 @@ struct PersistentPlan {
   size_t smem = 0;  // bytes of dynamic shared memory per block
 };
 
+// The current GPU's properties that a persistent grid is planned against.
+struct DeviceLimits {
+  int cooperative = 0;  // cooperative launch supported
+  int sms = 0;          // streaming multiprocessors
+  int smem_optin = 0;   // the most dynamic shared memory a block may opt in to
+};
+
+DeviceLimits device_limits() {
+  int device = 0;
+  DeviceLimits d;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&d.cooperative, cudaDevAttrCooperativeLaunch, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  return d;
+}
+
+// Whether `grid` blocks of `kernel` with `smem` bytes of dynamic shared memory can all be
+// resident at once, as a cooperative launch needs. The kernel's shared memory limit is raised
+// to the device's maximum first (the same value for every call, so that concurrent callers
+// never lower it under each other).
+bool co_resident(const void* kernel, size_t smem, int grid, const DeviceLimits& d) {
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  d.smem_optin),
+             "cudaFuncSetAttribute");
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, smem),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return int64_t(per_sm) * d.sms >= grid;
+}
+
 template <typename scalar_t>
 PersistentPlan plan_persistent(int64_t B, int64_t H) {
   if (B > kPersistentMaxB) return {};
-  int device = 0, cooperative = 0, sms = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
-             "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
-  if (!cooperative || sms < 1) return {};
-  const int64_t rows = (H + sms - 1) / sms;
+  const DeviceLimits d = device_limits();
+  if (!d.cooperative || d.sms < 1) return {};
+  const int64_t rows = (H + d.sms - 1) / d.sms;
   if (rows > kMaxRowsPerBlock) return {};
   PersistentPlan plan;
   plan.rows = int(rows);
   plan.grid = int((H + rows - 1) / rows);
   plan.smem = size_t(rows * H) * sizeof(scalar_t);
-  if (plan.smem > size_t(smem_optin)) return {};
-  // Every block of a cooperative launch must be resident at once: check each kernel that may
-  // run, with the shared memory limit raised to the device's maximum (the same value for
-  // every call, so that concurrent callers never lower it under each other).
+  if (plan.smem > size_t(d.smem_optin)) return {};
+  // every kernel that may run this plan must keep the whole grid resident
   const void* kernels[] = {
       reinterpret_cast<const void*>(rnn_forward_persistent_kernel<scalar_t, Activation::Tanh>),
       reinterpret_cast<const void*>(rnn_forward_persistent_kernel<scalar_t, Activation::Relu>),
       reinterpret_cast<const void*>(rnn_backward_persistent_kernel<scalar_t, Activation::Tanh>),
       reinterpret_cast<const void*>(rnn_backward_persistent_kernel<scalar_t, Activation::Relu>)};
-  for (const void* kernel : kernels) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    smem_optin),
-               "cudaFuncSetAttribute");
-    int per_sm = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
-                                                             plan.smem),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    if (int64_t(per_sm) * sms < plan.grid) return {};
-  }
+  for (const void* kernel : kernels)
+    if (!co_resident(kernel, plan.smem, plan.grid, d)) return {};
   return plan;
 }
 
@@ -544,21 +561,10 @@ float rnn_grid_sync_us(int64_t B, int64_t H, DType dtype, int64_t steps, cudaStr
                              std::to_string(B) + ", H = " + std::to_string(H) +
                              " in this dtype on this GPU, so it has no grid whose "
                              "synchronisation could be timed (see rnnlm_ext.ops.cuda_path)");
-  // The same shared memory limit as plan_persistent sets on the persistent kernels, and the
-  // same co-residency check (this kernel needs fewer registers, so it should always pass).
+  // The same co-residency check as plan_persistent's (this kernel needs fewer registers than
+  // the persistent ones, so it should always pass).
   const void* kernel = reinterpret_cast<const void*>(grid_sync_kernel);
-  int device = 0, sms = 0, smem_optin = 0, per_sm = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin),
-             "cudaFuncSetAttribute");
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
-                                                           plan.smem),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  if (int64_t(per_sm) * sms < plan.grid)
+  if (!co_resident(kernel, plan.smem, plan.grid, device_limits()))
     throw std::runtime_error("rnnlm_ext: grid_sync_kernel cannot keep the persistent grid of " +
                              std::to_string(plan.grid) + " blocks co-resident");
   void* args[] = {&steps};
