@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from rnnlm_ext import RNN, ops, reference
+from rnnlm_ext.train import check_writable
 
 CPU_SHAPES = [(16, 64, 64), (16, 64, 256), (64, 64, 256), (64, 64, 1024), (256, 32, 128), (64, 256, 512)]
 CUDA_T = 128
@@ -286,12 +286,10 @@ def main(argv=None) -> List[Row]:
     names = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
     if not names or any(n not in allowed for n in names):
         p.error(f"--dtypes takes a comma-separated list of {', '.join(allowed)} on {args.device}, got {args.dtypes!r}")
-    try:  # a folder that cannot take the results fails now, not after minutes of timing
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as err:
-        p.error(f"--out: cannot write to the folder {args.out!r} ({err.strerror})")
+    try:
+        check_writable(args.out, "--out")
+    except ValueError as err:
+        p.error(str(err))
 
     shapes = args.shapes or ([(CUDA_T, b, h) for h in CUDA_HIDDEN for b in CUDA_BATCHES] if cuda else CPU_SHAPES)
     acts = {"both": ["tanh", "relu"], None: ["tanh"] if cuda else ["tanh", "relu"]}.get(args.nonlinearity, [args.nonlinearity])

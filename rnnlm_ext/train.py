@@ -180,9 +180,9 @@ def _check_in_sync(model: nn.Module) -> None:
         raise TrainingError("the processes' weights differ: distributed training is out of sync")
 
 
-def _check_writable(folder: str, flag: str) -> None:
+def check_writable(folder: str, flag: str) -> None:
     """Make `folder` and write a file in it, so that a path that cannot take the output fails
-    before training, with the flag's name, rather than after it."""
+    before the work (training, timing), with the flag's name, rather than after it."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{flag}: {folder!r} exists and is not a folder")
     try:
@@ -352,11 +352,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Sequence[str]) -
             raise ValueError(f"--bptt {cfg.bptt} is longer than a {name} row ({rows.shape[1]} tokens at --bs {cfg.bs})")
     if rank == 0:  # a path that cannot take the output fails now, not after training
         if cfg.save:
-            _check_writable(cfg.save, "--save")
+            check_writable(cfg.save, "--save")
         if cfg.json:
             if os.path.isdir(cfg.json):
                 raise ValueError(f"--json: {cfg.json!r} is a folder; give a file path")
-            _check_writable(os.path.dirname(os.path.abspath(cfg.json)), "--json")
+            check_writable(os.path.dirname(os.path.abspath(cfg.json)), "--json")
 
     model = models.build_model(cfg.model, len(corpus.vocab), cfg.hidden, cfg.layers, cfg.nonlinearity,
                                cfg.dropout, cfg.tie_weights, RNN_CLASSES[cfg.rnn])
