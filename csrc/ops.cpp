@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <array>
-#include <mutex>
 
+#include "cpu_gemm.h"
+#include "cpu_simd.h"
+#include "cpu_workspace.h"
 #include "rnn.h"
 #include "rnn_args.h"
 
@@ -33,38 +35,6 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
   return out;
 }
 
-// The backward's dz [T,B,H] workspace, kept between calls (as oneDNN keeps its scratchpad).
-// Above 32 MB glibc maps fresh pages for every allocation, and the first touch of each page is
-// a page fault: a new dz cost 14 ms of a 147 ms backward at T,B,H = 64,256,512 (133 ms reusing
-// one). One buffer is kept for the process: a call takes it when it is free, of its dtype and
-// large enough (a concurrent call allocates its own), and gives it back; the larger is kept.
-// The cache is never destroyed, so no tensor is released during process teardown.
-class WorkspaceCache {
- public:
-  at::Tensor take(int64_t n, const at::TensorOptions& options) {
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      if (kept_.defined() && kept_.dtype() == options.dtype() && kept_.numel() >= n)
-        return std::move(kept_);
-    }
-    return at::empty({n}, options);
-  }
-  void give(at::Tensor workspace) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    if (!kept_.defined() || kept_.dtype() != workspace.dtype() || workspace.numel() > kept_.numel())
-      kept_ = std::move(workspace);
-  }
-
- private:
-  std::mutex mutex_;
-  at::Tensor kept_;
-};
-
-WorkspaceCache& workspace_cache() {
-  static auto* cache = new WorkspaceCache;  // deliberately never destroyed (see above)
-  return *cache;
-}
-
 // dout [T,B,H] and the forward's inputs and output -> (dx, dh0, dw_ih, dw_hh, db).
 // output_mask says which to compute; the others come back as empty tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu_op(
@@ -76,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
   const Dims& d = a.d;
   Grads grads(d, output_mask, x.options());
-  at::Tensor workspace = workspace_cache().take(d.T * d.B * d.H, x.options());
-  const at::Tensor dz = workspace.narrow(0, 0, d.T * d.B * d.H).view({d.T, d.B, d.H});
+  const cpu::Workspace workspace(d.T * d.B * d.H, x.options());
+  const at::Tensor dz = workspace.view({d.T, d.B, d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
     rnn_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), dz.data_ptr<scalar_t>(),
@@ -86,7 +56,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
                                a.w_hh.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
                                d.T, d.B, d.I, d.H, a.act, reverse);
   });
-  workspace_cache().give(std::move(workspace));
   return grads.tuple();
 }
 
@@ -101,8 +70,8 @@ py::dict build_info() {
 #endif
   info["flags"] = RNNLM_EXT_BUILD_FLAGS;
   info["torch_version"] = TORCH_VERSION;
-  info["cpu_gemm"] = cpu_gemm_backend();
-  info["cpu_activation"] = cpu_activation_backend();
+  info["cpu_gemm"] = cpu::blas_name();
+  info["cpu_activation"] = cpu::isa_name();
   info["cpu_capability"] = at::get_cpu_capability();
   info["num_threads"] = at::get_num_threads();
 #ifdef RNNLM_EXT_WITH_CUDA
