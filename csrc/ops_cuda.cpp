@@ -1,5 +1,5 @@
 // ops_cuda.cpp — CUDA registration of the rnnlm_ext ops (their schema: ops.cpp), plus the
-// cuda_path and cuda_grid_sync_us queries. Thin glue: checks, .contiguous(), a device guard,
+// cuda_path query. Thin glue: checks, .contiguous(), a device guard,
 // the current stream and cuBLAS handle; the kernels are plain CUDA in rnn_cuda.cu. Compiled
 // only in the CUDA build.
 //
@@ -96,21 +96,10 @@ int64_t cuda_path_op(int64_t B, int64_t H, at::ScalarType dtype, c10::string_vie
   return request == CudaPath::Persistent ? -1 : 0;
 }
 
-// Microseconds of one grid-wide synchronisation of the persistent kernels' grid for (B, H,
-// dtype) on the current device and stream, averaged over `steps` (rnn_grid_sync_us).
-double cuda_grid_sync_us_op(int64_t B, int64_t H, at::ScalarType dtype, int64_t steps) {
-  TORCH_CHECK(B >= 1 && H >= 1 && steps >= 1,
-              "rnnlm_ext: B, H and steps must be >= 1, got B=", B, ", H=", H, ", steps=", steps);
-  const c10::cuda::CUDAGuard guard(c10::cuda::current_device());
-  return rnn_grid_sync_us(B, H, to_dtype(dtype), steps, at::cuda::getCurrentCUDAStream());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rnnlm_ext, m) {
   m.def("cuda_path(int B, int H, ScalarType dtype, str path) -> int", &cuda_path_op);
-  m.def("cuda_grid_sync_us(int B, int H, ScalarType dtype, int steps) -> float",
-        &cuda_grid_sync_us_op);
 }
 
 TORCH_LIBRARY_IMPL(rnnlm_ext, CUDA, m) {

@@ -413,24 +413,6 @@ PersistentPlan plan_persistent(int64_t B, int64_t H) {
   return plan;
 }
 
-// Grid-wide synchronisation alone: `steps` grid.sync() calls and nothing else. Launched by
-// rnn_grid_sync_us with the persistent forward's grid, block and dynamic shared memory (unused
-// here, but it sets the occupancy), so its time per call is the floor of the persistent
-// kernels' time per step.
-__global__ void __launch_bounds__(kPersistentThreads) grid_sync_kernel(int64_t steps) {
-  cg::grid_group grid = cg::this_grid();
-  for (int64_t s = 0; s < steps; ++s) grid.sync();
-}
-
-// A CUDA event destroyed on scope exit, so that a throw leaks none.
-struct Event {
-  cudaEvent_t event = nullptr;
-  Event() { check_cuda(cudaEventCreate(&event), "cudaEventCreate"); }
-  ~Event() { cudaEventDestroy(event); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-};
-
 // The plan to run: none for PerStep, the persistent one for Auto where it fits.
 template <typename scalar_t>
 PersistentPlan choose_plan(CudaPath path, int64_t B, int64_t H) {
@@ -546,42 +528,6 @@ bool rnn_persistent_fits(int64_t B, int64_t H, DType dtype) {
     fits = plan_persistent<scalar_t>(B, H).grid > 0;
   });
   return fits;
-}
-
-float rnn_grid_sync_us(int64_t B, int64_t H, DType dtype, int64_t steps, cudaStream_t stream) {
-  if (steps < 1)
-    throw std::runtime_error("rnnlm_ext: steps must be >= 1, got " + std::to_string(steps));
-  PersistentPlan plan;
-  dispatch(dtype, Activation::Tanh, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::scalar;
-    plan = plan_persistent<scalar_t>(B, H);
-  });
-  if (plan.grid == 0)
-    throw std::runtime_error("rnnlm_ext: the persistent CUDA path cannot run B = " +
-                             std::to_string(B) + ", H = " + std::to_string(H) +
-                             " in this dtype on this GPU, so it has no grid whose "
-                             "synchronisation could be timed (see rnnlm_ext.ops.cuda_path)");
-  // The same co-residency check as plan_persistent's (this kernel needs fewer registers than
-  // the persistent ones, so it should always pass).
-  const void* kernel = reinterpret_cast<const void*>(grid_sync_kernel);
-  if (!co_resident(kernel, plan.smem, plan.grid, device_limits()))
-    throw std::runtime_error("rnnlm_ext: grid_sync_kernel cannot keep the persistent grid of " +
-                             std::to_string(plan.grid) + " blocks co-resident");
-  void* args[] = {&steps};
-  const auto launch = [&] {
-    check_cuda(cudaLaunchCooperativeKernel(kernel, plan.grid, kPersistentThreads, args, plan.smem,
-                                           stream),
-               "cudaLaunchCooperativeKernel (grid_sync_kernel)");
-  };
-  launch();  // warm-up
-  Event start, end;
-  check_cuda(cudaEventRecord(start.event, stream), "cudaEventRecord");
-  launch();
-  check_cuda(cudaEventRecord(end.event, stream), "cudaEventRecord");
-  check_cuda(cudaEventSynchronize(end.event), "cudaEventSynchronize");
-  float ms = 0;
-  check_cuda(cudaEventElapsedTime(&ms, start.event, end.event), "cudaEventElapsedTime");
-  return ms * 1e3f / float(steps);
 }
 
 void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih,

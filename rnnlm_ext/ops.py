@@ -127,17 +127,6 @@ def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: Optional
     return None if code < 0 else CUDA_PATHS[code]
 
 
-def grid_sync_us(B: int, H: int, dtype: torch.dtype = torch.float32, steps: int = 1000) -> float:
-    """Microseconds of one grid-wide synchronisation on the current GPU, with the grid (block
-    size, grid size, shared memory) the persistent forward kernel uses for batch B, H hidden
-    units and `dtype`: the floor of that kernel's time per step. Averaged over `steps`
-    synchronisations in one kernel, after a warm-up launch. Raises where the persistent path
-    cannot run that shape (cuda_path(B, H, dtype, "persistent") is None)."""
-    if not build_info()["cuda"]:
-        raise RuntimeError("rnnlm_ext was built without CUDA kernels (a CPU-only torch or no nvcc)")
-    return torch.ops.rnnlm_ext.cuda_grid_sync_us(B, H, dtype, steps)
-
-
 @contextlib.contextmanager
 def force_cuda_path(path: str):
     """Run the CUDA ops inside the block with `path` ("persistent", "per_step" or "auto"),
