@@ -18,9 +18,11 @@ namespace rnnlm_ext {
 namespace {
 
 // x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None  ->  out [T,B,H]
+// cuda_path picks the CUDA kernels' time loop; the CPU has one.
 at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                               const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
-                              c10::string_view nonlinearity, bool reverse) {
+                              c10::string_view nonlinearity, bool reverse,
+                              c10::string_view /*cuda_path*/) {
   const ForwardArgs a(x, h0, w_ih, w_hh, bias, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
@@ -40,7 +42,7 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu_op(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask, c10::string_view /*cuda_path*/) {
   const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
@@ -87,10 +89,10 @@ py::dict build_info() {
 TORCH_LIBRARY(rnnlm_ext, m) {
   m.def(
       "rnn_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias, str nonlinearity, "
-      "bool reverse) -> Tensor");
+      "bool reverse, str cuda_path=\"auto\") -> Tensor");
   m.def(
       "rnn_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
-      "str nonlinearity, bool reverse, bool[5] output_mask) -> "
+      "str nonlinearity, bool reverse, bool[5] output_mask, str cuda_path=\"auto\") -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -153,12 +153,13 @@ def test_opcheck(path, requires_grad):
         for nonlinearity, reverse in (("tanh", False), ("relu", True)):
             inputs = [t.detach().requires_grad_(requires_grad) if t is not None else None
                       for t in make_inputs(3, 2, 4, 37, torch.float64, "cuda", bias=bias)]
-            torch.library.opcheck(torch.ops.rnnlm_ext.rnn_forward.default, (*inputs, nonlinearity, reverse))
+            torch.library.opcheck(torch.ops.rnnlm_ext.rnn_forward.default, (*inputs, nonlinearity, reverse, path))
     x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(3, 2, 4, 37, torch.float64, "cuda"))
     out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
     for mask in ([True] * 5, [False, True, False, True, True], [False] * 5):
         torch.library.opcheck(
-            torch.ops.rnnlm_ext.rnn_backward.default, (torch.randn_like(out), x, h0, w_ih, w_hh, out, "tanh", False, mask)
+            torch.ops.rnnlm_ext.rnn_backward.default,
+            (torch.randn_like(out), x, h0, w_ih, w_hh, out, "tanh", False, mask, path)
         )
 
 
@@ -166,11 +167,12 @@ def test_masked_gradients_are_empty(path):
     x, h0, w_ih, w_hh, b = (t.detach() for t in make_inputs(5, 3, 4, 6, torch.float32, "cuda"))
     out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
     grads = torch.ops.rnnlm_ext.rnn_backward(torch.randn_like(out), x, h0, w_ih, w_hh, out, "tanh", False,
-                                             [False, False, True, False, True])
+                                             [False, False, True, False, True], path)
     assert [g.shape for g in grads] == [(0,), (0,), w_ih.shape, (0,), b.shape]
 
 
 def test_torch_compile_fullgraph_equals_eager(path):
+    torch._dynamo.reset()  # compiling takes the CUDA path as a constant: trace again for each
     args = make_inputs(6, 3, 4, 45, torch.float32, "cuda")
 
     def f(x, h0, w_ih, w_hh, b):
