@@ -18,7 +18,7 @@
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256;        // kPersistentThreads in csrc/rnn_cuda.cu
+constexpr int kThreads = 256;         // kPersistentThreads in csrc/rnn_cuda.cu
 constexpr int kMaxRowsPerBlock = 16;  // kMaxRowsPerBlock in csrc/rnn_cuda.cu
 
 #define CHECK_CUDA(call)                                                                   \
@@ -32,8 +32,8 @@ constexpr int kMaxRowsPerBlock = 16;  // kMaxRowsPerBlock in csrc/rnn_cuda.cu
 
 // Every step, every block adds 1 to *counter; after the grid syncs, each block must read the
 // whole step's count. The second sync keeps the next step's additions after every read.
-__global__ void __launch_bounds__(kThreads) grid_sync_check_kernel(unsigned* counter,
-                                                                   unsigned* errors, int steps) {
+__global__ void __launch_bounds__(kThreads)
+    grid_sync_check_kernel(unsigned* counter, unsigned* errors, int steps) {
   cg::grid_group grid = cg::this_grid();
   for (int s = 0; s < steps; ++s) {
     if (threadIdx.x == 0) atomicAdd(counter, 1u);

@@ -93,8 +93,8 @@ class StepGemm {
  public:
   void prepare(bool trans_w, int64_t M, int64_t N, int64_t K, const scalar_t* W, int64_t ldw) {
     trans_w_ = trans_w, M_ = M, N_ = N, K_ = K, W_ = W, ldw_ = ldw;
-    if (!std::is_same<scalar_t, float>::value || !cblas_sgemm_pack_get_size ||
-        !cblas_sgemm_pack || !cblas_sgemm_compute || std::max({M, N, K, ldw}) > INT_MAX)
+    if (!std::is_same<scalar_t, float>::value || !cblas_sgemm_pack_get_size || !cblas_sgemm_pack ||
+        !cblas_sgemm_compute || std::max({M, N, K, ldw}) > INT_MAX)
       return;
     const size_t bytes = cblas_sgemm_pack_get_size(kB, int(M), int(N), int(K));
     packed_.reset(static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
@@ -103,7 +103,8 @@ class StepGemm {
                      reinterpret_cast<const float*>(W), int(ldw), packed_.get());
   }
   void operator()(const scalar_t* A, int64_t lda, scalar_t beta, scalar_t* C, int64_t ldc) const {
-    if (!packed_) return gemm<scalar_t>(false, trans_w_, M_, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
+    if (!packed_)
+      return gemm<scalar_t>(false, trans_w_, M_, N_, K_, A, lda, W_, ldw_, beta, C, ldc);
     cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(M_), int(N_), int(K_),
                         reinterpret_cast<const float*>(A), int(lda), packed_.get(), int(ldw_),
                         float(beta), reinterpret_cast<float*>(C), int(ldc));

@@ -43,17 +43,16 @@ inline Isa isa() {
 // enough that the per-step rounding stays far under the float32 parity tolerance. Written
 // as vector code because the time loop calls it on every step's B×H block.
 // |x| is clamped at 9, where tanh is 1 in float32; min(9, x) keeps a NaN a NaN.
-#define RNNLM_TANH_CONSTANTS                                                        \
-  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,           \
-                  kLn2Lo = -2.12194440e-4f;                                        \
-  constexpr float kC[7] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, \
-                           1.f / 6, 0.5f};
+#define RNNLM_TANH_CONSTANTS                                                                      \
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f; \
+  constexpr float kC[7] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f};
 
 struct Simd {
   __attribute__((target("avx2,fma"))) static __m256 tanh8(__m256 x) {
     RNNLM_TANH_CONSTANTS
     const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
-    const __m256 a = _mm256_min_ps(_mm256_set1_ps(9.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
+    const __m256 a =
+        _mm256_min_ps(_mm256_set1_ps(9.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
     const __m256 y = _mm256_mul_ps(_mm256_set1_ps(-2.0f), a);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(kLog2e)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

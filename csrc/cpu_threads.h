@@ -301,8 +301,8 @@ template <typename State, typename Prepare, typename Finish, typename Carry,
           typename InitialStateGrad, typename WeightGrads, typename InputGrads>
 void backward_schedule(int64_t T, int64_t B, int64_t H, bool input_grads_wanted,
                        const Prepare& prepare, const Finish& finish, const Carry& carry,
-                       const InitialStateGrad& initial_state_grad,
-                       const WeightGrads& weight_grads, const InputGrads& input_grads) {
+                       const InitialStateGrad& initial_state_grad, const WeightGrads& weight_grads,
+                       const InputGrads& input_grads) {
   const int threads = column_threads(B, H);
   if (threads == 1 && can_use_helper())
     return backward_with_helper<State>(T, B, H, input_grads_wanted, prepare, finish, carry,

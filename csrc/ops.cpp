@@ -31,8 +31,8 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
     rnn_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
                               a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
                               a.w_hh.const_data_ptr<scalar_t>(),
-                              a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr,
-                              a.d.T, a.d.B, a.d.I, a.d.H, a.act, reverse);
+                              a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr, a.d.T,
+                              a.d.B, a.d.I, a.d.H, a.act, reverse);
   });
   return out;
 }

@@ -24,8 +24,8 @@ DType to_dtype(at::ScalarType t) {
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
     default:
-      TORCH_CHECK(false,
-                  "rnnlm_ext: the CUDA kernel takes float32, float64, float16 or bfloat16, got ", t);
+      TORCH_CHECK(
+          false, "rnnlm_ext: the CUDA kernel takes float32, float64, float16 or bfloat16, got ", t);
   }
 }
 
@@ -49,9 +49,9 @@ at::Tensor rnn_forward_cuda_op(const at::Tensor& x, const at::Tensor& h0, const 
   at::Tensor out = at::empty({a.d.T, a.d.B, a.d.H}, x.options());
   rnn_forward_cuda(out.data_ptr(), a.x.const_data_ptr(), a.h0.const_data_ptr(),
                    a.w_ih.const_data_ptr(), a.w_hh.const_data_ptr(),
-                   a.bias.defined() ? a.bias.const_data_ptr() : nullptr, a.d.T, a.d.B, a.d.I,
-                   a.d.H, dtype, a.act, reverse, path,
-                   at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
+                   a.bias.defined() ? a.bias.const_data_ptr() : nullptr, a.d.T, a.d.B, a.d.I, a.d.H,
+                   dtype, a.act, reverse, path, at::cuda::getCurrentCUDAStream(),
+                   at::cuda::getCurrentCUDABlasHandle());
   return out;
 }
 
@@ -71,9 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   rnn_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
                     dz.data_ptr(), a.dout.const_data_ptr(), a.x.const_data_ptr(),
                     a.h0.const_data_ptr(), a.w_ih.const_data_ptr(), a.w_hh.const_data_ptr(),
-                    a.out.const_data_ptr(), d.T, d.B, d.I, d.H, dtype, a.act, reverse,
-                    path, at::cuda::getCurrentCUDAStream(),
-                    at::cuda::getCurrentCUDABlasHandle());
+                    a.out.const_data_ptr(), d.T, d.B, d.I, d.H, dtype, a.act, reverse, path,
+                    at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
   return grads.tuple();
 }
 

@@ -66,9 +66,9 @@ struct StepOrder {
 // step that read h0 (when in the range), then the run of times [lo,hi) whose h_{t-1} are rows
 // of out shifted by one step, contiguous from out[prev_of_lo] on.
 struct PrevStates {
-  bool has_first;    // the step that read h0 is in the range, at time `first`
+  bool has_first;  // the step that read h0 is in the range, at time `first`
   int64_t first;
-  int64_t lo, hi;    // the other times, h_{t-1} from out; empty when hi <= lo
+  int64_t lo, hi;      // the other times, h_{t-1} from out; empty when hi <= lo
   int64_t prev_of_lo;  // the time index of out holding h_{lo-1} (of the step before lo)
 };
 

@@ -126,8 +126,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   };
   auto dh0_grad = [&] {
     if (dh0)
-      cpu::gemm<scalar_t>(false, false, B, H, H, dz + order.first_time() * BH, H, w_hh, H, 0,
-                          dh0, H);
+      cpu::gemm<scalar_t>(false, false, B, H, H, dz + order.first_time() * BH, H, w_hh, H, 0, dh0,
+                          H);
   };
   // The weight and bias gradients of backward steps [k0,k1): loop steps [T-k1, T-k0), a run
   // of consecutive time indices [ta,tb). Written when `write` (the first run), else added.
@@ -160,8 +160,8 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
     cpu::gemm<scalar_t>(false, false, (tb - ta) * B, I, H, dz + ta * BH, H, w_ih, I, 0,
                         dx + ta * B * I, I);
   };
-  cpu::backward_schedule<cpu::StepGemm<scalar_t>>(T, B, H, dx != nullptr, prepare, finish_dz,
-                                                  carry, dh0_grad, weight_grads, input_grad);
+  cpu::backward_schedule<cpu::StepGemm<scalar_t>>(T, B, H, dx != nullptr, prepare, finish_dz, carry,
+                                                  dh0_grad, weight_grads, input_grad);
 }
 
 template void rnn_forward_cpu<float>(float*, const float*, const float*, const float*, const float*,

@@ -54,8 +54,8 @@ void set_stream(cublasHandle_t handle, cudaStream_t stream) {
 // cuBLAS takes int sizes and leading dimensions.
 void check_int_range(int64_t T, int64_t B, int64_t I, int64_t H) {
   if (T * B > INT_MAX || I > INT_MAX || H > INT_MAX)
-    throw std::runtime_error("rnnlm_ext: T·B = " + std::to_string(T * B) + ", I = " +
-                             std::to_string(I) + " and H = " + std::to_string(H) +
+    throw std::runtime_error("rnnlm_ext: T·B = " + std::to_string(T * B) +
+                             ", I = " + std::to_string(I) + " and H = " + std::to_string(H) +
                              " must each fit in an int for cuBLAS");
 }
 
@@ -139,11 +139,11 @@ void gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t M, int64_t 
           typename Traits<scalar_t>::acc_t beta, scalar_t* C, int64_t ldc) {
   using Tr = Traits<scalar_t>;
   const typename Tr::acc_t alpha = 1;
-  check_cublas(cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                            trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, int(N), int(M), int(K), &alpha,
-                            B, Tr::data, int(ldb), A, Tr::data, int(lda), &beta, C, Tr::data,
-                            int(ldc), Tr::compute, CUBLAS_GEMM_DEFAULT),
-               "cublasGemmEx");
+  check_cublas(
+      cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   int(N), int(M), int(K), &alpha, B, Tr::data, int(ldb), A, Tr::data, int(lda),
+                   &beta, C, Tr::data, int(ldc), Tr::compute, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmEx");
 }
 
 // ----------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kPersistentThreads)
   const StepOrder order{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const scalar_t* h_prev = s == 0 ? h0 : out + order.prev_time(s) * BH;  // [B,H]
-    scalar_t* h = out + order.time(s) * BH;                                 // [B,H]
+    scalar_t* h = out + order.time(s) * BH;                                // [B,H]
     for (int64_t bi = warp; bi < B; bi += warps) {
       acc_t acc[kMaxRowsPerBlock] = {};
       warp_dot_rows(acc, h_prev + bi * H, w_s, rows, H, lane);  // (h_{t-1}·w_hhᵀ)[bi, j0…]
@@ -306,8 +306,8 @@ __global__ void __launch_bounds__(kPersistentThreads)
 template <typename scalar_t, Activation act>
 __global__ void __launch_bounds__(kPersistentThreads)
     rnn_backward_persistent_kernel(scalar_t* dh0, scalar_t* dz, const scalar_t* dout,
-                                   const scalar_t* w_hh, const scalar_t* out, int64_t T,
-                                   int64_t B, int64_t H, int R, bool reverse) {
+                                   const scalar_t* w_hh, const scalar_t* out, int64_t T, int64_t B,
+                                   int64_t H, int R, bool reverse) {
   using Tr = Traits<scalar_t>;
   using acc_t = typename Tr::acc_t;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -340,8 +340,7 @@ __global__ void __launch_bounds__(kPersistentThreads)
       for (int r = 0; r < kMaxRowsPerBlock; ++r) {
         if (r < rows && lane == r) {
           const int64_t i = t * BH + bi * H + j0 + r;
-          dz[i] = Tr::store(activate_backward<act>(acc[r] + Tr::load(dout[i]),
-                                                   Tr::load(out[i])));
+          dz[i] = Tr::store(activate_backward<act>(acc[r] + Tr::load(dout[i]), Tr::load(out[i])));
         }
       }
     }
@@ -397,12 +396,13 @@ DeviceLimits device_limits() {
 // to the device's maximum first (the same value for every call, so that concurrent callers
 // never lower it under each other).
 bool co_resident(const void* kernel, size_t smem, int grid, const DeviceLimits& d) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  d.smem_optin),
-             "cudaFuncSetAttribute");
+  check_cuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin),
+      "cudaFuncSetAttribute");
   int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, smem),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check_cuda(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, smem),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return int64_t(per_sm) * d.sms >= grid;
 }
 
@@ -465,8 +465,8 @@ void rnn_forward(scalar_t* out, const scalar_t* x, const scalar_t* h0, const sca
   }
   const StepOrder order{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
-    const scalar_t* h_prev = s == 0 ? h0 : out + order.prev_time(s) * BH;  // [B,H]
-    scalar_t* h = out + order.time(s) * BH;                                 // [B,H]
+    const scalar_t* h_prev = s == 0 ? h0 : out + order.prev_time(s) * BH;       // [B,H]
+    scalar_t* h = out + order.time(s) * BH;                                     // [B,H]
     gemm<scalar_t>(handle, false, true, B, H, H, h_prev, H, w_hh, H, 1, h, H);  // h += h_prev·w_hhᵀ
     bias_act_forward_kernel<scalar_t, act>
         <<<pointwise_blocks(BH), kPointwiseThreads, 0, stream>>>(h, b, BH, H);
@@ -481,8 +481,8 @@ template <typename scalar_t, Activation act>
 void rnn_backward(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh, scalar_t* db,
                   scalar_t* dz, const scalar_t* dout, const scalar_t* x, const scalar_t* h0,
                   const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
-                  int64_t B, int64_t I, int64_t H, bool reverse, CudaPath path,
-                  cudaStream_t stream, cublasHandle_t handle) {
+                  int64_t B, int64_t I, int64_t H, bool reverse, CudaPath path, cudaStream_t stream,
+                  cublasHandle_t handle) {
   const int64_t BH = B * H;
   const StepOrder order{T, reverse};
   const PersistentPlan plan = choose_plan<scalar_t>(path, B, H);
@@ -544,10 +544,10 @@ bool rnn_persistent_fits(int64_t B, int64_t H, DType dtype) {
   return fits;
 }
 
-void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih,
-                      const void* w_hh, const void* b, int64_t T, int64_t B, int64_t I,
-                      int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
-                      cudaStream_t stream, cublasHandle_t handle) {
+void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih, const void* w_hh,
+                      const void* b, int64_t T, int64_t B, int64_t I, int64_t H, DType dtype,
+                      Activation act, bool reverse, CudaPath path, cudaStream_t stream,
+                      cublasHandle_t handle) {
   check_int_range(T, B, I, H);
   set_stream(handle, stream);
   dispatch(dtype, act, [&](auto tag) {
@@ -574,8 +574,8 @@ void rnn_backward_cuda(void* dx, void* dh0, void* dw_ih, void* dw_hh, void* db, 
         static_cast<scalar_t*>(dw_hh), static_cast<scalar_t*>(db), static_cast<scalar_t*>(dz),
         static_cast<const scalar_t*>(dout), static_cast<const scalar_t*>(x),
         static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(w_ih),
-        static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(out), T, B, I, H,
-        reverse, path, stream, handle);
+        static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(out), T, B, I, H, reverse,
+        path, stream, handle);
   });
 }
 
