@@ -69,11 +69,10 @@ struct PrevStates {
   bool has_first;  // the step that read h0 is in the range, at time `first`
   int64_t first;
   int64_t lo, hi;      // the other times, h_{t-1} from out; empty when hi <= lo
-  int64_t prev_of_lo;  // the time index of out holding h_{lo-1} (of the step before lo)
+  int64_t prev_of_lo;  // the time index of the out row that time lo read as its h_{t-1}
 };
 
-RNNLM_EXT_HOST_DEVICE inline PrevStates split_prev_states(const StepOrder& order, int64_t begin,
-                                                          int64_t end) {
+inline PrevStates split_prev_states(const StepOrder& order, int64_t begin, int64_t end) {
   PrevStates p;
   p.first = order.first_time();
   p.has_first = begin <= p.first && p.first < end;
