@@ -64,10 +64,9 @@ for op in ("rnnlm_ext::rnn_forward", "rnnlm_ext::rnn_backward"):
 assert torch._C._dispatch_has_kernel(
     "rnnlm_ext::cuda_path"
 ), "rnnlm_ext::cuda_path is not registered"
-assert torch._C._dispatch_has_kernel(
-    "rnnlm_ext::cuda_grid_sync_us"
-), "rnnlm_ext::cuda_grid_sync_us is not registered"
-print("rnn_forward and rnn_backward have CUDA and CPU kernels; cuda_path and cuda_grid_sync_us are registered")
+for op in (torch.ops.rnnlm_ext.rnn_forward, torch.ops.rnnlm_ext.rnn_backward):
+    assert 'str cuda_path="auto"' in str(op.default._schema), f"{op} takes no cuda_path argument"
+print("rnn_forward and rnn_backward have CUDA and CPU kernels and a cuda_path argument; cuda_path is registered")
 print("build_info:", info)
 EOF
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one script, for the GPU machine (python3 with a CUDA torch, nvcc,
 # ninja, pytest; no network): build the extension from source, run the CUDA tests, run the
-# CUDA benchmark, and print a short summary table last. Sized to take about 6 minutes on an
+# CUDA benchmark and the grid-sync microbenchmark (bench/grid_sync.cu), and print a short
+# summary table last. Sized to take about 6 minutes on an
 # H200 (not yet run on one).
 #
 #   bash bench/gpu_check.sh    logs, the benchmark's rnn_cuda.{json,png} and the test report go to
@@ -65,6 +66,12 @@ run_stage tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
 run_stage op_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_op.py -k cuda || true
 
 run_stage bench 300 "$PY" bench/bench_rnn.py --device cuda --out "$LOGS" || true
+
+# one grid-wide synchronisation of the persistent kernels' grid: the floor of their time per
+# step (compare with the persistent fwd ms ÷ T in the bench table); a standalone tool
+NVCC="$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")"
+run_stage grid_sync 120 bash -c "'$NVCC' -O3 -std=c++17 -arch=sm_90 bench/grid_sync.cu \
+  -o build/grid_sync && build/grid_sync" || true
 
 # which CUDA path each shape of the benchmark grid takes when left to choose
 run_stage paths 60 "$PY" -c "

@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <array>
-#include <mutex>
 
+#include "cpu_gemm.h"
+#include "cpu_simd.h"
+#include "cpu_workspace.h"
 #include "rnn.h"
 #include "rnn_args.h"
 
@@ -16,9 +18,11 @@ namespace rnnlm_ext {
 namespace {
 
 // x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None  ->  out [T,B,H]
+// cuda_path picks the CUDA kernels' time loop; the CPU has one.
 at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                               const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
-                              c10::string_view nonlinearity, bool reverse) {
+                              c10::string_view nonlinearity, bool reverse,
+                              c10::string_view /*cuda_path*/) {
   const ForwardArgs a(x, h0, w_ih, w_hh, bias, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
@@ -27,42 +31,10 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
     rnn_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
                               a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
                               a.w_hh.const_data_ptr<scalar_t>(),
-                              a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr,
-                              a.d.T, a.d.B, a.d.I, a.d.H, a.act, reverse);
+                              a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr, a.d.T,
+                              a.d.B, a.d.I, a.d.H, a.act, reverse);
   });
   return out;
-}
-
-// The backward's dz [T,B,H] workspace, kept between calls (as oneDNN keeps its scratchpad).
-// Above 32 MB glibc maps fresh pages for every allocation, and the first touch of each page is
-// a page fault: a new dz cost 14 ms of a 147 ms backward at T,B,H = 64,256,512 (133 ms reusing
-// one). One buffer is kept for the process: a call takes it when it is free, of its dtype and
-// large enough (a concurrent call allocates its own), and gives it back; the larger is kept.
-// The cache is never destroyed, so no tensor is released during process teardown.
-class WorkspaceCache {
- public:
-  at::Tensor take(int64_t n, const at::TensorOptions& options) {
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      if (kept_.defined() && kept_.dtype() == options.dtype() && kept_.numel() >= n)
-        return std::move(kept_);
-    }
-    return at::empty({n}, options);
-  }
-  void give(at::Tensor workspace) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    if (!kept_.defined() || kept_.dtype() != workspace.dtype() || workspace.numel() > kept_.numel())
-      kept_ = std::move(workspace);
-  }
-
- private:
-  std::mutex mutex_;
-  at::Tensor kept_;
-};
-
-WorkspaceCache& workspace_cache() {
-  static auto* cache = new WorkspaceCache;  // deliberately never destroyed (see above)
-  return *cache;
 }
 
 // dout [T,B,H] and the forward's inputs and output -> (dx, dh0, dw_ih, dw_hh, db).
@@ -70,14 +42,14 @@ WorkspaceCache& workspace_cache() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu_op(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask, c10::string_view /*cuda_path*/) {
   const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
   const Dims& d = a.d;
   Grads grads(d, output_mask, x.options());
-  at::Tensor workspace = workspace_cache().take(d.T * d.B * d.H, x.options());
-  const at::Tensor dz = workspace.narrow(0, 0, d.T * d.B * d.H).view({d.T, d.B, d.H});
+  const cpu::Workspace workspace(d.T * d.B * d.H, x.options());
+  const at::Tensor dz = workspace.view({d.T, d.B, d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
     rnn_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), dz.data_ptr<scalar_t>(),
@@ -86,7 +58,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
                                a.w_hh.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
                                d.T, d.B, d.I, d.H, a.act, reverse);
   });
-  workspace_cache().give(std::move(workspace));
   return grads.tuple();
 }
 
@@ -101,8 +72,8 @@ py::dict build_info() {
 #endif
   info["flags"] = RNNLM_EXT_BUILD_FLAGS;
   info["torch_version"] = TORCH_VERSION;
-  info["cpu_gemm"] = cpu_gemm_backend();
-  info["cpu_activation"] = cpu_activation_backend();
+  info["cpu_gemm"] = cpu::blas_name();
+  info["cpu_activation"] = cpu::isa_name();
   info["cpu_capability"] = at::get_cpu_capability();
   info["num_threads"] = at::get_num_threads();
 #ifdef RNNLM_EXT_WITH_CUDA
@@ -118,10 +89,10 @@ py::dict build_info() {
 TORCH_LIBRARY(rnnlm_ext, m) {
   m.def(
       "rnn_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias, str nonlinearity, "
-      "bool reverse) -> Tensor");
+      "bool reverse, str cuda_path=\"auto\") -> Tensor");
   m.def(
       "rnn_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
-      "str nonlinearity, bool reverse, bool[5] output_mask) -> "
+      "str nonlinearity, bool reverse, bool[5] output_mask, str cuda_path=\"auto\") -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

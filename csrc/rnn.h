@@ -34,6 +34,55 @@ namespace rnnlm_ext {
 enum class Activation { Tanh, Relu };
 
 // ----------------------------------------------------------------------------------------
+// Step order, shared by every kernel (CPU and CUDA, host and device code).
+//
+// Loop step s = 0 … T-1 counts the steps in the order the forward runs them; t is the time
+// index of the tensors (x[t], out[t]). Forward: t = s. Reversed: t = T-1-s, so step 0 reads
+// x[T-1], and h_{t-1} (the state the step reads) is out[t+1]. No tensor is flipped.
+
+#ifdef __CUDACC__
+#define RNNLM_EXT_HOST_DEVICE __host__ __device__
+#else
+#define RNNLM_EXT_HOST_DEVICE
+#endif
+
+struct StepOrder {
+  int64_t T;
+  bool reverse;
+
+  // time index of loop step s
+  RNNLM_EXT_HOST_DEVICE int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  // time index of the output that loop step s >= 1 reads as its h_{t-1}: that of step s-1
+  RNNLM_EXT_HOST_DEVICE int64_t prev_time(int64_t s) const { return time(s - 1); }
+  // time index of the step that read h0
+  RNNLM_EXT_HOST_DEVICE int64_t first_time() const { return time(0); }
+  // loop steps [s0,s1) cover the time indices [begin, begin + s1 - s0), in one order or the other
+  RNNLM_EXT_HOST_DEVICE int64_t range_begin(int64_t s0, int64_t s1) const {
+    return reverse ? T - s1 : s0;
+  }
+};
+
+// dW_hh = Σ_t dz_tᵀ·h_{t-1} over the time indices [begin,end) in two GEMMs and no copy: the
+// step that read h0 (when in the range), then the run of times [lo,hi) whose h_{t-1} are rows
+// of out shifted by one step, contiguous from out[prev_of_lo] on.
+struct PrevStates {
+  bool has_first;  // the step that read h0 is in the range, at time `first`
+  int64_t first;
+  int64_t lo, hi;      // the other times, h_{t-1} from out; empty when hi <= lo
+  int64_t prev_of_lo;  // the time index of the out row that time lo read as its h_{t-1}
+};
+
+inline PrevStates split_prev_states(const StepOrder& order, int64_t begin, int64_t end) {
+  PrevStates p;
+  p.first = order.first_time();
+  p.has_first = begin <= p.first && p.first < end;
+  p.lo = p.has_first && !order.reverse ? begin + 1 : begin;
+  p.hi = p.has_first && order.reverse ? end - 1 : end;
+  p.prev_of_lo = order.reverse ? p.lo + 1 : p.lo - 1;
+  return p;
+}
+
+// ----------------------------------------------------------------------------------------
 // CPU (rnn_cpu.cpp). scalar_t is float or double.
 
 // out: [T,B,H] written. Keeps nothing but `out`: act' is a function of the output alone.
@@ -49,11 +98,5 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
                       scalar_t* dz, const scalar_t* dout, const scalar_t* x, const scalar_t* h0,
                       const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
                       int64_t B, int64_t I, int64_t H, Activation act, bool reverse);
-
-// Which BLAS the CPU GEMMs call: "blas (sgemm_/dgemm_ exported by libtorch ...)", saying
-// whether float32 steps use MKL's packed GEMM, or "ATen addmm".
-const char* cpu_gemm_backend();
-// Which vector path the fused activation pass takes: "avx512", "avx2" or "scalar".
-const char* cpu_activation_backend();
 
 }  // namespace rnnlm_ext

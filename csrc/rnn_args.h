@@ -27,8 +27,8 @@ inline Activation parse_activation(c10::string_view nonlinearity) {
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "rnnlm_ext: ", name, " has dtype ",
               t.scalar_type(), " but x has dtype ", x.scalar_type(), "; they must match");
-  TORCH_CHECK(t.device() == x.device(), "rnnlm_ext: ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.device() == x.device(), "rnnlm_ext: ", name, " is on ", t.device(), " but x is on ",
+              x.device(), "; all tensors must be on one device");
 }
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {

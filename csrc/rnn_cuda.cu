@@ -1,6 +1,8 @@
 // rnn_cuda.cu — whole-sequence forward and backward of one Elman RNN layer on a CUDA GPU.
 // Dimensions and layouts: rnn.h; the launchers' contract: rnn_cuda.h. Order: helpers (errors,
-// dtypes, GEMM), pointwise kernels, persistent kernels, forward, backward, the launchers.
+// dtypes, GEMM), pointwise kernels, persistent kernels, planning (which path runs, on what
+// grid), forward, backward, the launchers. Steps run in rnn.h's StepOrder: loop step s at time
+// index t = order.time(s), reversed layers from t = T-1 down, no tensor flipped.
 //
 // Where the time goes: as on the CPU, the input projection and the four weight/input
 // gradients are large cuBLAS GEMMs over all T·B rows; only the per-step product with w_hh is
@@ -52,8 +54,8 @@ void set_stream(cublasHandle_t handle, cudaStream_t stream) {
 // cuBLAS takes int sizes and leading dimensions.
 void check_int_range(int64_t T, int64_t B, int64_t I, int64_t H) {
   if (T * B > INT_MAX || I > INT_MAX || H > INT_MAX)
-    throw std::runtime_error("rnnlm_ext: T·B = " + std::to_string(T * B) + ", I = " +
-                             std::to_string(I) + " and H = " + std::to_string(H) +
+    throw std::runtime_error("rnnlm_ext: T·B = " + std::to_string(T * B) +
+                             ", I = " + std::to_string(I) + " and H = " + std::to_string(H) +
                              " must each fit in an int for cuBLAS");
 }
 
@@ -137,11 +139,11 @@ void gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t M, int64_t 
           typename Traits<scalar_t>::acc_t beta, scalar_t* C, int64_t ldc) {
   using Tr = Traits<scalar_t>;
   const typename Tr::acc_t alpha = 1;
-  check_cublas(cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                            trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, int(N), int(M), int(K), &alpha,
-                            B, Tr::data, int(ldb), A, Tr::data, int(lda), &beta, C, Tr::data,
-                            int(ldc), Tr::compute, CUBLAS_GEMM_DEFAULT),
-               "cublasGemmEx");
+  check_cublas(
+      cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   int(N), int(M), int(K), &alpha, B, Tr::data, int(ldb), A, Tr::data, int(lda),
+                   &beta, C, Tr::data, int(ldc), Tr::compute, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmEx");
 }
 
 // ----------------------------------------------------------------------------------------
@@ -203,12 +205,14 @@ __global__ void act_backward_kernel(scalar_t* dz, const scalar_t* dout, const sc
 
 // db[j] = Σ_r dz[r,j]: dz [rows,H] -> db [H]. A block sums 32 columns: its 32×32 threads read
 // coalesced rows, then add the 32 partial sums of each column in a fixed order
-// (deterministic, no atomics).
+// (deterministic, no atomics). `partial` needs no padding column against bank conflicts: a warp
+// (fixed threadIdx.y, threadIdx.x = 0 … 31) writes one row of it, and the summing warp's lanes
+// read one row per iteration too (lane x at column x), so every access is 32 consecutive words.
 template <typename scalar_t>
 __global__ void column_sum_kernel(scalar_t* db, const scalar_t* dz, int64_t rows, int64_t H) {
   using Tr = Traits<scalar_t>;
   using acc_t = typename Tr::acc_t;
-  __shared__ acc_t partial[32][33];
+  __shared__ acc_t partial[32][32];
   const int64_t j = blockIdx.x * int64_t(32) + threadIdx.x;
   acc_t sum = 0;
   if (j < H)
@@ -235,7 +239,9 @@ constexpr int kMaxRowsPerBlock = 16;     // R <= 16: the R accumulators stay in 
 constexpr int64_t kPersistentMaxB = 64;  // above this, cuBLAS's tensor-core GEMM per step wins
 
 // acc[r] += Σ_k v[k]·w_s[r·H + k] for r < rows, summed over the warp: every lane ends with all
-// the sums. v: [H] in global memory, w_s: [rows,H] in shared memory.
+// the sums, because the butterfly (__shfl_xor_sync over offsets 16 … 1) adds each lane's partial
+// into every other lane's, unlike a shuffle-down tree that leaves the total in lane 0 alone.
+// v: [H] in global memory, w_s: [rows,H] in shared memory.
 template <typename scalar_t>
 __device__ void warp_dot_rows(typename Traits<scalar_t>::acc_t (&acc)[kMaxRowsPerBlock],
                               const scalar_t* v, const scalar_t* w_s, int rows, int64_t H,
@@ -272,13 +278,15 @@ __global__ void __launch_bounds__(kPersistentThreads)
   cg::grid_group grid = cg::this_grid();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int64_t BH = B * H;
+  const StepOrder order{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
-    scalar_t* h = out + t * BH;                                                     // [B,H]
+    const scalar_t* h_prev = s == 0 ? h0 : out + order.prev_time(s) * BH;  // [B,H]
+    scalar_t* h = out + order.time(s) * BH;                                // [B,H]
     for (int64_t bi = warp; bi < B; bi += warps) {
       acc_t acc[kMaxRowsPerBlock] = {};
       warp_dot_rows(acc, h_prev + bi * H, w_s, rows, H, lane);  // (h_{t-1}·w_hhᵀ)[bi, j0…]
+      // every lane holds every sum (warp_dot_rows), so any lane may finish a unit: lane r
+      // finishes unit j0+r (r < R <= 16 < 32), spreading the R stores over R lanes
 #pragma unroll
       for (int r = 0; r < kMaxRowsPerBlock; ++r) {
         if (r < rows && lane == r) {
@@ -298,8 +306,8 @@ __global__ void __launch_bounds__(kPersistentThreads)
 template <typename scalar_t, Activation act>
 __global__ void __launch_bounds__(kPersistentThreads)
     rnn_backward_persistent_kernel(scalar_t* dh0, scalar_t* dz, const scalar_t* dout,
-                                   const scalar_t* w_hh, const scalar_t* out, int64_t T,
-                                   int64_t B, int64_t H, int R, bool reverse) {
+                                   const scalar_t* w_hh, const scalar_t* out, int64_t T, int64_t B,
+                                   int64_t H, int R, bool reverse) {
   using Tr = Traits<scalar_t>;
   using acc_t = typename Tr::acc_t;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -316,28 +324,30 @@ __global__ void __launch_bounds__(kPersistentThreads)
   cg::grid_group grid = cg::this_grid();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int64_t BH = B * H;
+  const StepOrder order{T, reverse};
   for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t t = order.time(s);
     const bool carry = s != T - 1;
-    const scalar_t* dz_next = carry ? dz + (reverse ? t - 1 : t + 1) * BH : nullptr;  // [B,H]
+    // dz of loop step s+1, the step that read this one's output
+    const scalar_t* dz_next = carry ? dz + order.time(s + 1) * BH : nullptr;  // [B,H]
     for (int64_t bi = warp; bi < B; bi += warps) {
       // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so
       // dz_t = (dout_t + dz_{t+1}·w_hh) ⊙ act'(h_t)
       acc_t acc[kMaxRowsPerBlock] = {};
       if (carry) warp_dot_rows(acc, dz_next + bi * H, w_s, rows, H, lane);
+      // lane r finishes unit j0+r, as in the forward
 #pragma unroll
       for (int r = 0; r < kMaxRowsPerBlock; ++r) {
         if (r < rows && lane == r) {
           const int64_t i = t * BH + bi * H + j0 + r;
-          dz[i] = Tr::store(activate_backward<act>(acc[r] + Tr::load(dout[i]),
-                                                   Tr::load(out[i])));
+          dz[i] = Tr::store(activate_backward<act>(acc[r] + Tr::load(dout[i]), Tr::load(out[i])));
         }
       }
     }
     grid.sync();
   }
   if (dh0) {
-    const scalar_t* dz_first = dz + (reverse ? T - 1 : 0) * BH;  // the step that read h0
+    const scalar_t* dz_first = dz + order.first_time() * BH;  // the step that read h0
     for (int64_t bi = warp; bi < B; bi += warps) {
       acc_t acc[kMaxRowsPerBlock] = {};
       warp_dot_rows(acc, dz_first + bi * H, w_s, rows, H, lane);
@@ -347,6 +357,11 @@ __global__ void __launch_bounds__(kPersistentThreads)
     }
   }
 }
+
+// ----------------------------------------------------------------------------------------
+// Planning: whether the persistent kernels can run a shape on the current GPU, on which grid,
+// and which path a call takes. Host code only; it comes after the kernels because a plan
+// holds only if every kernel that may run it keeps the whole grid resident.
 
 // Grid of the persistent kernels for (B, H) on the current device; grid == 0 where they
 // cannot run (see rnn_persistent_fits in rnn_cuda.h).
@@ -381,12 +396,13 @@ DeviceLimits device_limits() {
 // to the device's maximum first (the same value for every call, so that concurrent callers
 // never lower it under each other).
 bool co_resident(const void* kernel, size_t smem, int grid, const DeviceLimits& d) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  d.smem_optin),
-             "cudaFuncSetAttribute");
+  check_cuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin),
+      "cudaFuncSetAttribute");
   int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, smem),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check_cuda(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, smem),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return int64_t(per_sm) * d.sms >= grid;
 }
 
@@ -413,34 +429,16 @@ PersistentPlan plan_persistent(int64_t B, int64_t H) {
   return plan;
 }
 
-// Grid-wide synchronisation alone: `steps` grid.sync() calls and nothing else. Launched by
-// rnn_grid_sync_us with the persistent forward's grid, block and dynamic shared memory (unused
-// here, but it sets the occupancy), so its time per call is the floor of the persistent
-// kernels' time per step.
-__global__ void __launch_bounds__(kPersistentThreads) grid_sync_kernel(int64_t steps) {
-  cg::grid_group grid = cg::this_grid();
-  for (int64_t s = 0; s < steps; ++s) grid.sync();
-}
-
-// A CUDA event destroyed on scope exit, so that a throw leaks none.
-struct Event {
-  cudaEvent_t event = nullptr;
-  Event() { check_cuda(cudaEventCreate(&event), "cudaEventCreate"); }
-  ~Event() { cudaEventDestroy(event); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-};
-
 // The plan to run: none for PerStep, the persistent one for Auto where it fits.
 template <typename scalar_t>
 PersistentPlan choose_plan(CudaPath path, int64_t B, int64_t H) {
   if (path == CudaPath::PerStep) return {};
   const PersistentPlan plan = plan_persistent<scalar_t>(B, H);
   if (path == CudaPath::Persistent && plan.grid == 0)
-    throw std::runtime_error("rnnlm_ext: the persistent CUDA path was asked for, but its kernels "
-                             "cannot run B = " + std::to_string(B) + ", H = " +
-                             std::to_string(H) + " in this dtype on this GPU (see "
-                             "rnnlm_ext.ops.cuda_path)");
+    throw std::runtime_error(
+        "rnnlm_ext: the persistent CUDA path was asked for, but its kernels cannot run B = " +
+        std::to_string(B) + ", H = " + std::to_string(H) +
+        " in this dtype on this GPU (see rnnlm_ext.ops.cuda_path)");
   return plan;
 }
 
@@ -465,10 +463,10 @@ void rnn_forward(scalar_t* out, const scalar_t* x, const scalar_t* h0, const sca
                "cudaLaunchCooperativeKernel (rnn_forward_persistent_kernel)");
     return;
   }
+  const StepOrder order{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const scalar_t* h_prev = s == 0 ? h0 : out + (reverse ? t + 1 : t - 1) * BH;  // [B,H]
-    scalar_t* h = out + t * BH;                                                     // [B,H]
+    const scalar_t* h_prev = s == 0 ? h0 : out + order.prev_time(s) * BH;       // [B,H]
+    scalar_t* h = out + order.time(s) * BH;                                     // [B,H]
     gemm<scalar_t>(handle, false, true, B, H, H, h_prev, H, w_hh, H, 1, h, H);  // h += h_prev·w_hhᵀ
     bias_act_forward_kernel<scalar_t, act>
         <<<pointwise_blocks(BH), kPointwiseThreads, 0, stream>>>(h, b, BH, H);
@@ -483,10 +481,10 @@ template <typename scalar_t, Activation act>
 void rnn_backward(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh, scalar_t* db,
                   scalar_t* dz, const scalar_t* dout, const scalar_t* x, const scalar_t* h0,
                   const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* out, int64_t T,
-                  int64_t B, int64_t I, int64_t H, bool reverse, CudaPath path,
-                  cudaStream_t stream, cublasHandle_t handle) {
+                  int64_t B, int64_t I, int64_t H, bool reverse, CudaPath path, cudaStream_t stream,
+                  cublasHandle_t handle) {
   const int64_t BH = B * H;
-  const int64_t first = reverse ? T - 1 : 0;  // the step that read h0
+  const StepOrder order{T, reverse};
   const PersistentPlan plan = choose_plan<scalar_t>(path, B, H);
   if (plan.grid > 0) {
     int R = plan.rows;
@@ -496,9 +494,9 @@ void rnn_backward(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh,
                    plan.grid, kPersistentThreads, args, plan.smem, stream),
                "cudaLaunchCooperativeKernel (rnn_backward_persistent_kernel)");
   } else {
-    // Reverse of the forward's step order; `prev` is the step before t in forward order.
+    // The forward's loop steps in reverse order.
     for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t t = order.time(s);
       // in the forward pass this was h_t = act(P_t + h_{t-1}·w_hhᵀ + b), so dz_t = dh_t ⊙
       // act'(h_t) with dh_t = dout_t + dz_{t+1}·w_hh (the carry, already in dz_t except at
       // the last step)
@@ -506,26 +504,24 @@ void rnn_backward(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh,
           dz + t * BH, dout + t * BH, out + t * BH, s != T - 1, BH);
       check_cuda(cudaGetLastError(), "act_backward_kernel launch");
       if (s > 0) {
-        const int64_t prev = reverse ? t + 1 : t - 1;
         // ... and through h_{t-1}·w_hhᵀ: carry dz_t·w_hh into the previous step's slot
-        gemm<scalar_t>(handle, false, false, B, H, H, dz + t * BH, H, w_hh, H, 0, dz + prev * BH,
-                       H);
+        gemm<scalar_t>(handle, false, false, B, H, H, dz + t * BH, H, w_hh, H, 0,
+                       dz + order.prev_time(s) * BH, H);
       }
     }
-    if (dh0) gemm<scalar_t>(handle, false, false, B, H, H, dz + first * BH, H, w_hh, H, 0, dh0, H);
+    if (dh0)
+      gemm<scalar_t>(handle, false, false, B, H, H, dz + order.first_time() * BH, H, w_hh, H, 0,
+                     dh0, H);
   }
 
   // The rest is batched over all T·B rows.
   if (dw_ih) gemm<scalar_t>(handle, true, false, H, I, T * B, dz, H, x, I, 0, dw_ih, I);  // dzᵀ·x
-  if (dw_hh) {
-    // Σ_t dz_tᵀ·h_{t-1}: the first step's h_{t-1} is h0, the other steps' are rows of out
-    // shifted by one step, contiguous, so two GEMMs and no copy.
-    gemm<scalar_t>(handle, true, false, H, H, B, dz + first * BH, H, h0, H, 0, dw_hh, H);
-    if (T > 1) {
-      const scalar_t* dz_rest = reverse ? dz : dz + BH;   // steps that read out rows
-      const scalar_t* h_rest = reverse ? out + BH : out;  // the rows they read
-      gemm<scalar_t>(handle, true, false, H, H, (T - 1) * B, dz_rest, H, h_rest, H, 1, dw_hh, H);
-    }
+  if (dw_hh) {  // Σ_t dz_tᵀ·h_{t-1}: the step that read h0, then the rows of out
+    const PrevStates p = split_prev_states(order, 0, T);
+    gemm<scalar_t>(handle, true, false, H, H, B, dz + p.first * BH, H, h0, H, 0, dw_hh, H);
+    if (p.hi > p.lo)
+      gemm<scalar_t>(handle, true, false, H, H, (p.hi - p.lo) * B, dz + p.lo * BH, H,
+                     out + p.prev_of_lo * BH, H, 1, dw_hh, H);
   }
   if (db) {
     column_sum_kernel<scalar_t><<<int((H + 31) / 32), dim3(32, 32), 0, stream>>>(db, dz, T * B, H);
@@ -548,46 +544,10 @@ bool rnn_persistent_fits(int64_t B, int64_t H, DType dtype) {
   return fits;
 }
 
-float rnn_grid_sync_us(int64_t B, int64_t H, DType dtype, int64_t steps, cudaStream_t stream) {
-  if (steps < 1)
-    throw std::runtime_error("rnnlm_ext: steps must be >= 1, got " + std::to_string(steps));
-  PersistentPlan plan;
-  dispatch(dtype, Activation::Tanh, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::scalar;
-    plan = plan_persistent<scalar_t>(B, H);
-  });
-  if (plan.grid == 0)
-    throw std::runtime_error("rnnlm_ext: the persistent CUDA path cannot run B = " +
-                             std::to_string(B) + ", H = " + std::to_string(H) +
-                             " in this dtype on this GPU, so it has no grid whose "
-                             "synchronisation could be timed (see rnnlm_ext.ops.cuda_path)");
-  // The same co-residency check as plan_persistent's (this kernel needs fewer registers than
-  // the persistent ones, so it should always pass).
-  const void* kernel = reinterpret_cast<const void*>(grid_sync_kernel);
-  if (!co_resident(kernel, plan.smem, plan.grid, device_limits()))
-    throw std::runtime_error("rnnlm_ext: grid_sync_kernel cannot keep the persistent grid of " +
-                             std::to_string(plan.grid) + " blocks co-resident");
-  void* args[] = {&steps};
-  const auto launch = [&] {
-    check_cuda(cudaLaunchCooperativeKernel(kernel, plan.grid, kPersistentThreads, args, plan.smem,
-                                           stream),
-               "cudaLaunchCooperativeKernel (grid_sync_kernel)");
-  };
-  launch();  // warm-up
-  Event start, end;
-  check_cuda(cudaEventRecord(start.event, stream), "cudaEventRecord");
-  launch();
-  check_cuda(cudaEventRecord(end.event, stream), "cudaEventRecord");
-  check_cuda(cudaEventSynchronize(end.event), "cudaEventSynchronize");
-  float ms = 0;
-  check_cuda(cudaEventElapsedTime(&ms, start.event, end.event), "cudaEventElapsedTime");
-  return ms * 1e3f / float(steps);
-}
-
-void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih,
-                      const void* w_hh, const void* b, int64_t T, int64_t B, int64_t I,
-                      int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
-                      cudaStream_t stream, cublasHandle_t handle) {
+void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih, const void* w_hh,
+                      const void* b, int64_t T, int64_t B, int64_t I, int64_t H, DType dtype,
+                      Activation act, bool reverse, CudaPath path, cudaStream_t stream,
+                      cublasHandle_t handle) {
   check_int_range(T, B, I, H);
   set_stream(handle, stream);
   dispatch(dtype, act, [&](auto tag) {
@@ -614,8 +574,8 @@ void rnn_backward_cuda(void* dx, void* dh0, void* dw_ih, void* dw_hh, void* db, 
         static_cast<scalar_t*>(dw_hh), static_cast<scalar_t*>(db), static_cast<scalar_t*>(dz),
         static_cast<const scalar_t*>(dout), static_cast<const scalar_t*>(x),
         static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(w_ih),
-        static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(out), T, B, I, H,
-        reverse, path, stream, handle);
+        static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(out), T, B, I, H, reverse,
+        path, stream, handle);
   });
 }
 

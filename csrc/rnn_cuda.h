@@ -40,18 +40,11 @@ enum class CudaPath { Auto, PerStep, Persistent };
 // (cooperative launch).
 bool rnn_persistent_fits(int64_t B, int64_t H, DType dtype);
 
-// Microseconds of one grid-wide synchronisation of the persistent forward kernel's grid for
-// (B, H, dtype) on the current device: a cooperative kernel with that grid, block size and
-// dynamic shared memory that does `steps` grid.sync() calls and nothing else, timed with CUDA
-// events on `stream` after one warm-up launch (synchronises with the host). Throws where
-// rnn_persistent_fits(B, H, dtype) is false or steps < 1.
-float rnn_grid_sync_us(int64_t B, int64_t H, DType dtype, int64_t steps, cudaStream_t stream);
-
 // out: [T,B,H] written. x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], b [H] or nullptr.
-void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih,
-                      const void* w_hh, const void* b, int64_t T, int64_t B, int64_t I,
-                      int64_t H, DType dtype, Activation act, bool reverse, CudaPath path,
-                      cudaStream_t stream, cublasHandle_t handle);
+void rnn_forward_cuda(void* out, const void* x, const void* h0, const void* w_ih, const void* w_hh,
+                      const void* b, int64_t T, int64_t B, int64_t I, int64_t H, DType dtype,
+                      Activation act, bool reverse, CudaPath path, cudaStream_t stream,
+                      cublasHandle_t handle);
 
 // dx [T,B,I], dh0 [B,H], dw_ih [H,I], dw_hh [H,H], db [H]: written when not nullptr.
 // dz: [T,B,H] workspace, overwritten. dout [T,B,H] (dh_n folded into its last step), x, h0,

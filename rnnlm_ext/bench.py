@@ -44,10 +44,6 @@ class Row:
     pass_: str  # "fwd+bwd" or "fwd"
     ms: Dict[str, float]  # implementation -> median milliseconds
     floor_ms: float
-    # GPU fwd rows where the persistent path ran: its forward's time per step and the time of
-    # one grid-wide synchronisation of its grid (ops.grid_sync_us), both in µs
-    persistent_step_us: Optional[float] = None
-    grid_sync_us: Optional[float] = None
 
     def ratio(self, slow: str, fast: str) -> Optional[float]:
         return self.ms[slow] / self.ms[fast] if slow in self.ms and fast in self.ms else None
@@ -184,9 +180,6 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
         if gbps:
             floor = max(floor, nbytes / (gbps * 1e9) * 1e3)
         rows.append(Row(device, str(dtype).replace("torch.", ""), nonlinearity, T, B, H, pass_, ms, floor))
-    if "rnnlm_ext[persistent]" in rows[-1].ms:  # the fwd row
-        rows[-1].persistent_step_us = rows[-1].ms["rnnlm_ext[persistent]"] / T * 1e3
-        rows[-1].grid_sync_us = ops.grid_sync_us(B, H, dtype)
     return rows
 
 
@@ -211,13 +204,6 @@ def markdown(rows: List[Row]) -> str:
             cells += [f"{r.ratio('python loop', fused_names[0]):.2f}x"]
         cells += [f"{r.ms[n] / r.floor_ms:.2f}" for n in fused_names]
         lines.append("| " + " | ".join(cells) + " |")
-    synced = [r for r in rows if r.grid_sync_us is not None]
-    if synced:  # GPU only: the persistent forward's time per step against one grid.sync()
-        lines += ["", "| act | dtype | T | B | H | persistent fwd µs/step | grid sync µs | step ÷ sync |",
-                  "|" + "---|" * 8]
-        for r in synced:
-            lines.append(f"| {r.nonlinearity} | {r.dtype} | {r.T} | {r.B} | {r.H} | {r.persistent_step_us:.2f} "
-                         f"| {r.grid_sync_us:.2f} | {r.persistent_step_us / r.grid_sync_us:.2f}x |")
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@ autograd formula calls rnn_backward, the hand-written backward: no autograd thro
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -28,9 +29,10 @@ def rnn_layer(
 
     out[t] = act(x[t]·w_ihᵀ + out[t-1]·w_hhᵀ + bias), out[-1] being h0; with reverse=True the
     steps run from the last to the first (out[t+1] feeds out[t]). The final hidden state is
-    out[-1] (out[0] when reversed).
+    out[-1] (out[0] when reversed). On a GPU the time loop takes the CUDA path in effect
+    (force_cuda_path); the CPU kernel has one loop and ignores it.
     """
-    return torch.ops.rnnlm_ext.rnn_forward(x, h0, w_ih, w_hh, bias, nonlinearity, reverse)
+    return torch.ops.rnnlm_ext.rnn_forward(x, h0, w_ih, w_hh, bias, nonlinearity, reverse, _requested_cuda_path())
 
 
 def _check_args(nonlinearity, x, w_hh, **others):
@@ -60,24 +62,25 @@ def _check_args(nonlinearity, x, w_hh, **others):
 
 
 @torch.library.register_fake("rnnlm_ext::rnn_forward")
-def _rnn_forward_fake(x, h0, w_ih, w_hh, bias, nonlinearity, reverse):
+def _rnn_forward_fake(x, h0, w_ih, w_hh, bias, nonlinearity, reverse, cuda_path="auto"):
     T, B, _, H = _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, bias=bias)
     return x.new_empty((T, B, H))
 
 
 @torch.library.register_fake("rnnlm_ext::rnn_backward")
-def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, output_mask):
+def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, output_mask, cuda_path="auto"):
     _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, dout=dout, out=out)
     shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (w_hh.shape[0],))
     return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, w_ih, w_hh, bias, nonlinearity, reverse = inputs
+    x, h0, w_ih, w_hh, bias, nonlinearity, reverse, cuda_path = inputs
     # act' is a function of the output alone, so the output is all the backward keeps
     ctx.save_for_backward(x, h0, w_ih, w_hh, output)
     ctx.nonlinearity = nonlinearity
     ctx.reverse = reverse
+    ctx.cuda_path = cuda_path  # the backward's time loop takes the forward's path
 
 
 def _backward(ctx, dout):
@@ -90,9 +93,9 @@ def _backward(ctx, dout):
     x, h0, w_ih, w_hh, out = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:5])  # x, h0, w_ih, w_hh, bias
     grads = torch.ops.rnnlm_ext.rnn_backward(
-        dout, x, h0, w_ih, w_hh, out, ctx.nonlinearity, ctx.reverse, mask
+        dout, x, h0, w_ih, w_hh, out, ctx.nonlinearity, ctx.reverse, mask, cuda_path=ctx.cuda_path
     )
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
 
 
 torch.library.register_autograd("rnnlm_ext::rnn_forward", _backward, setup_context=_setup_context)
@@ -106,51 +109,55 @@ def build_info() -> dict:
 # ----------------------------------------------------------------------------------------
 # CUDA: which implementation of the time loop runs (csrc/rnn_cuda.h). "persistent" (one
 # cooperative kernel for the whole sequence, w_hh kept in shared memory) where the shape fits
-# the GPU, else "per_step" (a cuBLAS GEMM and a fused pointwise kernel per step). The
-# environment variable RNNLM_EXT_CUDA_PATH = auto | persistent | per_step overrides the choice;
-# the ops read it at every call (eager or compiled), so force_cuda_path() switches between calls.
+# the GPU, else "per_step" (a cuBLAS GEMM and a fused pointwise kernel per step). The choice
+# is an argument of the ops; rnn_layer passes the one in effect: force_cuda_path()'s inside
+# its block (per thread and per asyncio task: a context variable), else the environment
+# variable RNNLM_EXT_CUDA_PATH = auto | persistent | per_step as it was at import, else "auto".
 CUDA_PATHS = ("per_step", "persistent")  # the values torch.ops.rnnlm_ext.cuda_path returns: 0, 1
 CUDA_PATH_ENV = "RNNLM_EXT_CUDA_PATH"
+
+
+def _checked_cuda_path(path: str, what: str) -> str:
+    if path not in CUDA_PATHS + ("auto",):
+        raise ValueError(f"{what} must be 'auto', 'persistent' or 'per_step', got {path!r}")
+    return path
+
+
+_cuda_path: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "rnnlm_ext_cuda_path", default=_checked_cuda_path(os.environ.get(CUDA_PATH_ENV) or "auto", CUDA_PATH_ENV)
+)
+
+
+# torch.compile cannot trace a context variable, so it takes the path in effect when it traces
+# as a constant: a compiled function keeps the path it was first compiled under.
+@torch.compiler.assume_constant_result
+def _requested_cuda_path() -> str:
+    return _cuda_path.get()
 
 
 def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: Optional[str] = None) -> Optional[str]:
     """Which CUDA implementation a layer with batch B and H hidden units of `dtype` runs on the
     current GPU: "persistent" or "per_step" (T does not matter).
 
-    path: what is asked for, as in RNNLM_EXT_CUDA_PATH ("auto", "persistent", "per_step");
-    None reads the variable's current value. Returns None where "persistent" is asked for but
-    cannot run that shape: the ops would raise.
+    path: what is asked for ("auto", "persistent", "per_step"); None takes the one in effect
+    (force_cuda_path, else RNNLM_EXT_CUDA_PATH). Returns None where "persistent" is asked for
+    but cannot run that shape: the ops would raise.
     """
     if not build_info()["cuda"]:
         raise RuntimeError("rnnlm_ext was built without CUDA kernels (a CPU-only torch or no nvcc)")
-    code = torch.ops.rnnlm_ext.cuda_path(B, H, dtype, path or "")  # "": the op reads the variable
+    path = _checked_cuda_path(path, "path") if path is not None else _cuda_path.get()
+    code = torch.ops.rnnlm_ext.cuda_path(B, H, dtype, path)
     return None if code < 0 else CUDA_PATHS[code]
 
 
-def grid_sync_us(B: int, H: int, dtype: torch.dtype = torch.float32, steps: int = 1000) -> float:
-    """Microseconds of one grid-wide synchronisation on the current GPU, with the grid (block
-    size, grid size, shared memory) the persistent forward kernel uses for batch B, H hidden
-    units and `dtype`: the floor of that kernel's time per step. Averaged over `steps`
-    synchronisations in one kernel, after a warm-up launch. Raises where the persistent path
-    cannot run that shape (cuda_path(B, H, dtype, "persistent") is None)."""
-    if not build_info()["cuda"]:
-        raise RuntimeError("rnnlm_ext was built without CUDA kernels (a CPU-only torch or no nvcc)")
-    return torch.ops.rnnlm_ext.cuda_grid_sync_us(B, H, dtype, steps)
-
-
 @contextlib.contextmanager
-def force_cuda_path(path: str):
-    """Run the CUDA ops inside the block with `path` ("persistent", "per_step" or "auto"),
-    restoring RNNLM_EXT_CUDA_PATH after it. Forcing "persistent" where it cannot run makes
-    the ops raise (ask cuda_path(B, H, dtype, "persistent") first)."""
-    if path not in CUDA_PATHS + ("auto",):
-        raise ValueError(f"path must be 'auto', 'persistent' or 'per_step', got {path!r}")
-    previous = os.environ.get(CUDA_PATH_ENV)
-    os.environ[CUDA_PATH_ENV] = path
+def force_cuda_path(path: str) -> Iterator[None]:
+    """Run the CUDA ops called inside the block, in this thread (or asyncio task), with `path`
+    ("persistent", "per_step" or "auto"). Forcing "persistent" where it cannot run makes the
+    ops raise (ask cuda_path(B, H, dtype, "persistent") first). torch.compile takes the path in
+    effect when it compiles a function, and keeps it."""
+    token = _cuda_path.set(_checked_cuda_path(path, "path"))
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[CUDA_PATH_ENV]
-        else:
-            os.environ[CUDA_PATH_ENV] = previous
+        _cuda_path.reset(token)

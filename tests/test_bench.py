@@ -49,11 +49,3 @@ def test_bad_flags_are_refused_before_timing(args, message, tmp_path, capsys):
         bench.main(args)
     err = capsys.readouterr()
     assert exit_.value.code == 2 and message in err.err and "matmul" not in err.out, err
-
-
-def test_markdown_adds_the_grid_sync_table_only_for_rows_that_have_it():
-    cpu = bench.Row("cpu", "float32", "tanh", 4, 2, 8, "fwd", {"rnnlm_ext": 1.0, "nn.RNN": 2.0}, 0.5)
-    assert "grid sync" not in bench.markdown([cpu])
-    gpu = bench.Row("cuda", "float32", "tanh", 4, 2, 8, "fwd", {"rnnlm_ext[persistent]": 0.02, "nn.RNN": 0.1},
-                    0.01, persistent_step_us=5.0, grid_sync_us=2.0)
-    assert "| tanh | float32 | 4 | 2 | 8 | 5.00 | 2.00 | 2.50x |" in bench.markdown([gpu])

@@ -66,9 +66,9 @@ def test_backward_honours_needs_input_grad(monkeypatch):
     masks = []
     real = torch.ops.rnnlm_ext.rnn_backward
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         masks.append(list(args[-1]))
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.ops.rnnlm_ext, "rnn_backward", spy)
     x, h0, w_ih, w_hh, b = make_inputs(5, 3, 4, 6, torch.float64)
