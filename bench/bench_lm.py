@@ -18,9 +18,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from rnnlm_ext import data, models, reference
+from rnnlm_ext import reference
+from rnnlm_ext.lm import data, models
 from rnnlm_ext import rnn as fused_rnn
-from rnnlm_ext.train import RNN_CLASSES, TrainConfig, train
+from rnnlm_ext.lm.train import RNN_CLASSES, TrainConfig, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from rnnlm_ext import RNN, bench
+from rnnlm_ext import RNN, benchmark as bench
 
 
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):

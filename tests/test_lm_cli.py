@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rnnlm_ext.cli import main
+from rnnlm_ext.lm.cli import main
 
 TINY = ["--hidden", "16", "--layers", "1", "--epochs", "1", "--no-progress"]
 
@@ -35,11 +35,11 @@ def test_char_level_text_file_through_the_console_entry(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question.\n" * 40)
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "train", "--dataset", str(text), "--level", "char",
+    train = subprocess.run([sys.executable, "-m", "rnnlm_ext.lm.cli", "train", "--dataset", str(text), "--level", "char",
                             "--bs", "4", "--bptt", "8", "--model", "seed", *TINY, "--save", str(run)],
                            capture_output=True, text=True, timeout=120)
     assert train.returncode == 0, train.stderr
-    gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "generate", "--checkpoint", str(run),
+    gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.lm.cli", "generate", "--checkpoint", str(run),
                           "--prompt", "to be", "--tokens", "20", "--seed", "3"], capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     text = gen.stdout.removesuffix("\n")  # print's newline; a generated one stays
@@ -92,7 +92,7 @@ def test_resume_names_the_flags_it_would_ignore(tmp_path, capsys):
 
 def test_ctrl_c_stops_at_a_batch_boundary_checkpointed_and_exits_130(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "rnnlm_ext.cli", "train", "--hidden", "16", "--layers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "rnnlm_ext.lm.cli", "train", "--hidden", "16", "--layers", "1",
                              "--epochs", "200", "--no-progress", "--save", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # training has started once the first epoch's row is out
@@ -115,8 +115,8 @@ def test_lmmodel1_generates_from_the_last_three_tokens():
     """LMModel1 reads exactly three tokens: the context is the prompt's last three, then the last three generated."""
     import torch
 
-    from rnnlm_ext import data, models
-    from rnnlm_ext.cli import generate
+    from rnnlm_ext.lm import data, models
+    from rnnlm_ext.lm.cli import generate
 
     torch.manual_seed(0)
     vocab = data.load_corpus("human-numbers").vocab

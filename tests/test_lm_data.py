@@ -1,8 +1,8 @@
-"""rnnlm_ext.data: Human Numbers exactly as fastai ships it, text corpora, vocabulary, in-order batching."""
+"""rnnlm_ext.lm.data: Human Numbers exactly as fastai ships it, text corpora, vocabulary, in-order batching."""
 import pytest
 import torch
 
-from rnnlm_ext import data
+from rnnlm_ext.lm import data
 
 
 def test_human_numbers_counts_and_spot_values():

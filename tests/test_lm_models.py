@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_rel_close
-from rnnlm_ext import models
+from rnnlm_ext.lm import models
 from rnnlm_ext.rnn import RNN
 
 V, H = 11, 8

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from rnnlm_ext.train import CHECKPOINT, TrainConfig, TrainingError, _atomic_write, _perplexity, load_checkpoint, train
+from rnnlm_ext.lm.train import CHECKPOINT, TrainConfig, TrainingError, _atomic_write, _perplexity, load_checkpoint, train
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
 SMALL = dict(hidden=16, layers=2, dropout=0.2, epochs=2, progress=False)
@@ -156,7 +156,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     """torchrun, two gloo processes, each on its own rows; train() checks every epoch that the weights agree."""
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "rnnlm_ext.cli", "train", "--hidden", "16", "--layers", "1", "--epochs", "2", "--bs", "16",
+           "-m", "rnnlm_ext.lm.cli", "train", "--hidden", "16", "--layers", "1", "--epochs", "2", "--bs", "16",
            "--save", str(tmp_path / "run"), "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -172,7 +172,7 @@ def test_tokens_per_s_leaves_out_mid_epoch_checkpoint_writes(tmp_path, monkeypat
     """Each save moves the clock on by 100 s: none of it may count as training time."""
     import time
 
-    from rnnlm_ext import train as train_module
+    from rnnlm_ext.lm import train as train_module
 
     real_save, real_clock, skipped = train_module._atomic_save, time.perf_counter, [0.0]
 

@@ -1,4 +1,4 @@
-"""`rnnlm train | generate | bench`: the command line (also `python -m rnnlm_ext.cli`, for torchrun)."""
+"""`rnnlm train | generate | bench`: the command line (also `python -m rnnlm_ext.lm.cli`, for torchrun)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import torch
 
-from rnnlm_ext import data, models
-from rnnlm_ext.train import RNN_CLASSES, TrainConfig, TrainingError, load_checkpoint, model_from_checkpoint, train
+from rnnlm_ext.lm import data, models
+from rnnlm_ext.lm.train import RNN_CLASSES, TrainConfig, TrainingError, load_checkpoint, model_from_checkpoint, train
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -107,9 +107,9 @@ def generate(model, vocab: data.Vocab, level: str, prompt: str, n_tokens: int, t
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
-        from rnnlm_ext import bench  # the kernel benchmarks, imported only when asked for
+        from rnnlm_ext import benchmark  # the kernel benchmarks, imported only when asked for
 
-        bench.main(argv[1:])
+        benchmark.main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__.split(":")[0])
     sub = parser.add_subparsers(dest="command", required=True)

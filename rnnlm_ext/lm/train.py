@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rnnlm_ext import data, models
+from rnnlm_ext.lm import data, models
 from rnnlm_ext.rnn import RNN
 
 CHECKPOINT = "checkpoint.pt"
