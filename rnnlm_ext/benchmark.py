@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rnnlm_ext import RNN, ops, reference
-from rnnlm_ext.lm.train import check_writable
+from rnnlm_ext._files import check_writable
 
 CPU_SHAPES = [(16, 64, 64), (16, 64, 256), (64, 64, 256), (64, 64, 1024), (256, 32, 128), (64, 256, 512)]
 CUDA_T = 128

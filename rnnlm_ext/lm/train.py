@@ -15,7 +15,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rnnlm_ext._files import check_writable
 from rnnlm_ext.lm import data, models
 from rnnlm_ext.rnn import RNN
 
@@ -178,19 +178,6 @@ def _check_in_sync(model: nn.Module) -> None:
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if not torch.equal(lo, hi):
         raise TrainingError("the processes' weights differ: distributed training is out of sync")
-
-
-def check_writable(folder: str, flag: str) -> None:
-    """Make `folder` and write a file in it, so that a path that cannot take the output fails
-    before the work (training, timing), with the flag's name, rather than after it."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{flag}: {folder!r} exists and is not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ValueError(f"{flag}: cannot write to the folder {folder!r} ({err.strerror})") from None
 
 
 def _atomic_write(path: str, write: Callable) -> None:
