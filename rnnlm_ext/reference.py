@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NONLINEARITIES = ("tanh", "relu")  # the activations every layer and op accepts
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
@@ -30,7 +31,7 @@ def rnn_layer(
     steps run from t = T-1 down to 0. Returns out [T,B,H], every step's hidden state, indexed
     by the input position it belongs to.
     """
-    if nonlinearity not in ACTIVATIONS:
+    if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     act = ACTIVATIONS[nonlinearity]
     T = x.shape[0]
