@@ -31,7 +31,8 @@ FASTBOOK = [
     ("LMModel2", dict(model="lmmodel2", bptt=3, epochs=4, lr=1e-3), 0.470),
     ("LMModel3", dict(model="lmmodel3", bptt=3, epochs=10, lr=3e-3), 0.589),
     ("LMModel4", dict(model="lmmodel4", bptt=16, epochs=15, lr=3e-3), 0.640),
-    ("RNNLM, shared-weight cell on the fused op (= LMModel4)", dict(model="shared", bptt=16, epochs=15, lr=3e-3), 0.640),
+    ("RNNLM, shared-weight cell on the fused op (= LMModel4)",
+     dict(model="shared", bptt=16, epochs=15, lr=3e-3), 0.640),
     ("RNNLM, fused Elman layer", dict(model="rnn", bptt=16, epochs=15, lr=3e-3), None),
 ]
 BOOK_SETUP = dict(hidden_size=64, layers=1, bs=64, clip=0.0, dropout=0.0)  # fastai's Learner: no clipping
@@ -160,8 +161,8 @@ def run_shakespeare(results: dict, path: str, epochs: int, out_dir: str) -> None
         raise FileNotFoundError(f"--shakespeare: no such file {path!r}")
     runs = {}
     for impl in ("fused", "torch"):
-        cfg = TrainConfig(dataset=path, level="char", rnn=impl, hidden_size=256, layers=2, bptt=64, bs=64, epochs=epochs,
-                          lr=3e-3, dropout=0.1, progress=False)
+        cfg = TrainConfig(dataset=path, level="char", rnn=impl, hidden_size=256, layers=2, bptt=64, bs=64,
+                          epochs=epochs, lr=3e-3, dropout=0.1, progress=False)
         t0 = time.perf_counter()
         r = train(cfg, log=quiet)
         runs[impl] = dict(time_s=time.perf_counter() - t0, epochs=r["epochs"], **r["final"])

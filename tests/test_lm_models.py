@@ -1,12 +1,11 @@
 """TBPTT semantics of the stateful models: carried state, detach, flat graph, reset, fused == nn.RNN."""
+import functools
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import functools
 
 from helpers import assert_rel_close
 from rnnlm_ext import reference

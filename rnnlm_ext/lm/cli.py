@@ -24,7 +24,8 @@ def _train_parser(sub) -> Tuple[argparse.ArgumentParser, Dict[str, str]]:
     for f in dataclasses.fields(TrainConfig):
         cli = dict(f.metadata)
         flag, help = cli.pop("flag", "--" + f.name.replace("_", "-")), cli.pop("help")
-        kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])  # Optional[X] -> X
+        # Optional[X] -> X
+        kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])
         if kind is bool and f.default is None:  # unset means "decide for me": --x, --no-x or neither
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help)
@@ -40,7 +41,8 @@ def _generate_parser(sub) -> Tuple[argparse.ArgumentParser, Dict[str, str]]:
     p = sub.add_parser("generate", help="sample text from a trained model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a folder written by `rnnlm train --save`")
-    p.add_argument("--prompt", required=True, help="text to start from (its tokens must be in the vocabulary, or map to <unk>)")
+    p.add_argument("--prompt", required=True,
+                   help="text to start from (its tokens must be in the vocabulary, or map to <unk>)")
     p.add_argument("--tokens", dest="n_tokens", type=int, default=30, help="how many tokens to sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0: always the most likely token")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
