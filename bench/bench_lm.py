@@ -1,26 +1,26 @@
-"""Language-model results (issue 3 §5): fastbook chapter 12's table side by side with RNNLM, training
+"""Language-model results: fastbook chapter 12's table side by side with RNNLM, training
 throughput of RNNLM on rnnlm_ext.RNN vs torch.nn.RNN vs the Python-loop reference, and
 tiny-shakespeare at character level with both layers.
 
 Prints markdown tables; writes OUT/bench_lm.json and the loss-curve plots OUT/*.png.
-    python bench/bench_lm.py                     # everything (about 2.5 minutes on 2 cores)
+    python bench/bench_lm.py                     # everything
     python bench/bench_lm.py --sections throughput --repeats 7
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import time
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-from rnnlm_ext import data, models, reference
-from rnnlm_ext import rnn as fused_rnn
-from rnnlm_ext.train import RNN_CLASSES, TrainConfig, train
+from rnnlm_ext import RNN
+from rnnlm_ext.lm import data, models
+from rnnlm_ext.lm.train import TrainConfig, make_optimizer, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
@@ -31,10 +31,11 @@ FASTBOOK = [
     ("LMModel2", dict(model="lmmodel2", bptt=3, epochs=4, lr=1e-3), 0.470),
     ("LMModel3", dict(model="lmmodel3", bptt=3, epochs=10, lr=3e-3), 0.589),
     ("LMModel4", dict(model="lmmodel4", bptt=16, epochs=15, lr=3e-3), 0.640),
-    ("RNNLM, seed cell on the fused op (= LMModel4)", dict(model="seed", bptt=16, epochs=15, lr=3e-3), 0.640),
+    ("RNNLM, shared-weight cell on the fused op (= LMModel4)",
+     dict(model="shared", bptt=16, epochs=15, lr=3e-3), 0.640),
     ("RNNLM, fused Elman layer", dict(model="rnn", bptt=16, epochs=15, lr=3e-3), None),
 ]
-BOOK_SETUP = dict(hidden=64, layers=1, bs=64, clip=0.0, dropout=0.0)  # fastai's Learner: no clipping
+BOOK_SETUP = dict(hidden_size=64, layers=1, bs=64, clip=0.0, dropout=0.0)  # fastai's Learner: no clipping
 
 
 def quiet(_):
@@ -63,9 +64,7 @@ def fastbook_windows(name: str, epochs: int, lr: float, seed: int = 42) -> float
 
     train_idx, valid_idx = order(0, cut), order(cut, len(X))
     n_batches = -(-len(train_idx) // 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * n_batches, pct_start=0.25,
-                                                div_factor=25.0, final_div_factor=1e5 / 25)
+    opt, sched = make_optimizer(model.parameters(), lr, 0.01, epochs * n_batches)
     for _ in range(epochs):
         models.reset_state(model)
         for b in train_idx.split(64):
@@ -82,11 +81,11 @@ def fastbook_windows(name: str, epochs: int, lr: float, seed: int = 42) -> float
 
 def run_fastbook(results: dict) -> None:
     rows = []
-    for name, setup, book in [*FASTBOOK, ("RNNLM, main-job recipe (`rnnlm train`)", {}, None)]:
+    for name, setup, book in [*FASTBOOK, ("RNNLM, `rnnlm train`'s defaults", {}, None)]:
         cfg = TrainConfig(**({**BOOK_SETUP, **setup} if setup else {}), progress=False)
         t0 = time.perf_counter()
         r = train(cfg, log=quiet)
-        row = dict(name=name, book=book, config={k: getattr(cfg, k) for k in ("model", "hidden", "layers", "bptt",
+        row = dict(name=name, book=book, config={k: getattr(cfg, k) for k in ("model", "hidden_size", "layers", "bptt",
                    "epochs", "lr", "dropout", "clip")}, time_s=time.perf_counter() - t0, **r["final"])
         if cfg.bptt == 3:
             row["book_pipeline_accuracy"] = fastbook_windows(cfg.model, cfg.epochs, cfg.lr)
@@ -97,7 +96,7 @@ def run_fastbook(results: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
-        setup = f"h{c['hidden']} x{c['layers']}, sl {c['bptt']}, {c['epochs']} ep, lr {c['lr']:g}"
+        setup = f"h{c['hidden_size']} x{c['layers']}, sl {c['bptt']}, {c['epochs']} ep, lr {c['lr']:g}"
         setup += f", clip {c['clip']:g}" if c["clip"] else ""
         setup += f", dropout {c['dropout']:g}" if c["dropout"] else ""
         book = f"{r['book']:.3f}" if r["book"] is not None else "–"
@@ -124,23 +123,23 @@ def run_throughput(results: dict, repeats: int) -> None:
     """Same model, same batches, three recurrent layers, timed in turn (interleaved) `repeats` times."""
     corpus = data.load_corpus("human-numbers")
     rows = data.batchify(corpus.train, 64)
-    main = TrainConfig()
-    setups = [("fastbook size: h64 x1, bs 64, sl 16", dict(hidden=64, layers=1)),
-              (f"main job: h{main.hidden} x{main.layers}, bs 64, sl 16", dict(hidden=main.hidden, layers=main.layers))]
+    default = TrainConfig()
+    setups = [("fastbook size: h64 x1, bs 64, sl 16", dict(hidden_size=64, layers=1)),
+              (f"`rnnlm train`'s size: h{default.hidden_size} x{default.layers}, bs 64, sl 16",
+               dict(hidden_size=default.hidden_size, layers=default.layers))]
     out = []
     for label, size in setups:
         built = {}
-        for impl in ("fused", "torch", "reference"):
+        # the same weights (one seed) on rnnlm_ext.RNN, nn.RNN and rnnlm_ext.RNN running the reference's loop
+        layers = {"fused": RNN, "torch": torch.nn.RNN, "reference": functools.partial(RNN, impl="reference")}
+        for impl, rnn_cls in layers.items():
             torch.manual_seed(0)
-            built[impl] = models.RNNLM(len(corpus.vocab), size["hidden"], size["layers"], "relu",
-                                       rnn_cls=RNN_CLASSES["torch" if impl == "torch" else "fused"])
+            built[impl] = models.RNNLM(len(corpus.vocab), size["hidden_size"], size["layers"], "relu",
+                                       rnn_cls=rnn_cls)
         speeds = {impl: [] for impl in built}
         for rep in range(repeats + 1):  # the first round warms up and is not counted
             for impl, model in built.items():
-                # the reference: rnnlm_ext.RNN with its per-layer op swapped for the Python loop
-                layer = reference.rnn_layer if impl == "reference" else fused_rnn._layer
-                with mock.patch.object(fused_rnn, "_layer", layer):
-                    tps = _epoch_tokens_per_s(model, rows, 16)
+                tps = _epoch_tokens_per_s(model, rows, 16)
                 if rep:
                     speeds[impl].append(tps)
         med = {impl: statistics.median(v) for impl, v in speeds.items()}
@@ -162,13 +161,13 @@ def run_shakespeare(results: dict, path: str, epochs: int, out_dir: str) -> None
         raise FileNotFoundError(f"--shakespeare: no such file {path!r}")
     runs = {}
     for impl in ("fused", "torch"):
-        cfg = TrainConfig(dataset=path, level="char", rnn=impl, hidden=256, layers=2, bptt=64, bs=64, epochs=epochs,
-                          lr=3e-3, dropout=0.1, progress=False)
+        cfg = TrainConfig(dataset=path, level="char", rnn=impl, hidden_size=256, layers=2, bptt=64, bs=64,
+                          epochs=epochs, lr=3e-3, dropout=0.1, progress=False)
         t0 = time.perf_counter()
         r = train(cfg, log=quiet)
         runs[impl] = dict(time_s=time.perf_counter() - t0, epochs=r["epochs"], **r["final"])
         print(f"  {impl}: valid loss {r['final']['valid_loss']:.4f} nats/char in {runs[impl]['time_s']:.0f}s", flush=True)
-    results["shakespeare"] = dict(config=dict(hidden=256, layers=2, bptt=64, bs=64, epochs=epochs, lr=3e-3,
+    results["shakespeare"] = dict(config=dict(hidden_size=256, layers=2, bptt=64, bs=64, epochs=epochs, lr=3e-3,
                                               dropout=0.1), runs=runs)
     print("\n| tiny-shakespeare, char level (h256 x2, sl 64, bs 64) | valid loss (nats/char) | perplexity "
           "| tokens/s | time |")
@@ -219,7 +218,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as `rnnlm train` does (see cli.py)
+    torch.set_flush_denormal(True)  # as train() does, for the throughput section that does not call it
     os.makedirs(args.out, exist_ok=True)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     sections = args.sections.split(",")

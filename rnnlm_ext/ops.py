@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rnnlm_ext import _C  # noqa: F401  (importing it registers torch.ops.rnnlm_ext.*)
+from rnnlm_ext.reference import NONLINEARITIES
 
 def rnn_layer(
     x: Tensor,  # [T,B,I]
@@ -39,7 +40,7 @@ def _check_args(nonlinearity, x, w_hh, **others):
     """The kernels' argument checks (csrc/rnn_args.h), for the fake kernels: the
     nonlinearity, shapes from x [T,B,I] and w_hh [H,H], one dtype and one device. Returns
     T, B, I, H."""
-    torch._check(nonlinearity in ("tanh", "relu"),
+    torch._check(nonlinearity in NONLINEARITIES,
                  lambda: f"rnnlm_ext: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
     torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
     torch._check(x.dtype.is_floating_point, lambda: f"rnnlm_ext: x must be a floating-point tensor, got {x.dtype}")

@@ -29,13 +29,18 @@ except ImportError as err:  # the package was not built: stay usable, loudly
     )
     _layer = reference.rnn_layer
 
+# impl -> the function that runs one layer in one direction
+LAYER_IMPLS = {"fused": _layer, "reference": reference.rnn_layer}
+
 
 class RNN(nn.Module):
     """Elman RNN, h_t = act(x_t·W_ihᵀ + b_ih + h_{t-1}·W_hhᵀ + b_hh), like torch.nn.RNN.
 
     Args are torch.nn.RNN's: input_size, hidden_size, num_layers, nonlinearity ('tanh' or
     'relu'), bias, batch_first, dropout (between layers, in training), bidirectional, device,
-    dtype. Input [T,B,I] ([B,T,I] with batch_first, or unbatched [T,I]); optional hx
+    dtype. impl: 'fused' (the compiled kernel; the reference, with a warning at import, where
+    the extension is not built) or 'reference' (the pure-PyTorch loop of rnnlm_ext.reference).
+    Input [T,B,I] ([B,T,I] with batch_first, or unbatched [T,I]); optional hx
     [num_layers·D, B, H]. Returns (output [T,B,D·H], h_n [num_layers·D, B, H]).
     PackedSequence input is not supported (see forward).
     """
@@ -52,13 +57,16 @@ class RNN(nn.Module):
         bidirectional: bool = False,
         device=None,
         dtype=None,
+        impl: str = "fused",
     ):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if nonlinearity not in ("tanh", "relu"):
+        if nonlinearity not in reference.NONLINEARITIES:
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if not isinstance(impl, str) or impl not in LAYER_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, LAYER_IMPLS))}, got {impl!r}")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if dropout > 0 and num_layers == 1:
@@ -74,6 +82,7 @@ class RNN(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
+        self.impl = impl
         factory = {"device": device, "dtype": dtype}
         num_directions = 2 if bidirectional else 1
         # Registered in nn.RNN's order, so that one seed gives both modules the same weights.
@@ -188,7 +197,7 @@ class RNN(nn.Module):
                 w_ih, w_hh = params[0], params[1]
                 bias = params[2] + params[3] if self.bias else None  # autograd splits db to both
                 reverse = direction == 1
-                out = _layer(x, hx[idx], w_ih, w_hh, bias, self.nonlinearity, reverse)  # [T,B,H]
+                out = LAYER_IMPLS[self.impl](x, hx[idx], w_ih, w_hh, bias, self.nonlinearity, reverse)  # [T,B,H]
                 outs.append(out)
                 h_n.append(out[0] if reverse else out[-1])
             x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [T,B,D·H]

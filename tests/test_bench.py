@@ -1,23 +1,33 @@
 """The layer benchmark runs end to end, writes its results, and refuses wrong numbers."""
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from rnnlm_ext import RNN, bench
+from rnnlm_ext import RNN, benchmark
 
 
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):
-    rows = bench.main(["--shapes", "3,2,4;2,1,5", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
-    assert len(rows) == 2 * 2 * 2  # shapes x nonlinearities x (fwd+bwd, fwd)
+    rows = benchmark.main(["--shapes", "3,2,4;2,1,5", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert [(r.nonlinearity, r.T, r.B, r.H, r.pass_) for r in rows] == [
+        (act, *shape, pass_) for act in ("tanh", "relu") for shape in ((3, 2, 4), (2, 1, 5))
+        for pass_ in ("fwd+bwd", "fwd")]
     for r in rows:
         assert set(r.ms) == {"rnnlm_ext", "nn.RNN", "python loop"}
-        assert all(ms > 0 for ms in r.ms.values()) and r.floor_ms > 0
+    # the floor is the FLOPs at the matmul rate: forward+backward three times the forward's
+    assert rows[0].floor_ms == pytest.approx(3 * rows[1].floor_ms)
     saved = json.loads((tmp_path / "rnn_cpu.json").read_text())
-    assert len(saved["rows"]) == len(rows) and saved["meta"]["threads"] == torch.get_num_threads()
-    assert (tmp_path / "rnn_cpu.png").stat().st_size > 0
-    assert "| tanh | fwd+bwd | float32 | 3 | 2 | 4 |" in capsys.readouterr().out
+    assert saved["rows"] == [dataclasses.asdict(r) for r in rows]
+    assert saved["meta"]["threads"] == torch.get_num_threads()
+    assert (tmp_path / "rnn_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = rows[0]
+    assert (f"| tanh | fwd+bwd | float32 | 3 | 2 | 4 | {r.ms['rnnlm_ext']:.3f} | {r.ms['nn.RNN']:.3f} "
+            f"| {r.ms['python loop']:.3f} | {r.floor_ms:.3f} | {r.ratio('nn.RNN', 'rnnlm_ext'):.2f}x |"
+            ) in capsys.readouterr().out
 
 
 def test_check_refuses_an_implementation_that_disagrees():
@@ -25,15 +35,15 @@ def test_check_refuses_an_implementation_that_disagrees():
     theirs, ours = nn.RNN(4, 5, dtype=torch.float64), RNN(4, 5, dtype=torch.float64)  # different weights
     x, h0, dout = torch.randn(3, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 5, dtype=torch.float64), None
     with pytest.raises(AssertionError, match="output differs from nn.RNN's"):
-        bench.check(theirs, ours, x, h0, dout, 1e-9, False, "test")
+        benchmark.check(theirs, ours, x, h0, dout, 1e-9, False, "test")
     ours.load_state_dict(theirs.state_dict())
-    bench.check(theirs, ours, x, h0, torch.randn(3, 2, 5, dtype=torch.float64), 1e-9, True, "test")
+    benchmark.check(theirs, ours, x, h0, torch.randn(3, 2, 5, dtype=torch.float64), 1e-9, True, "test")
 
 
 @pytest.mark.parametrize("shapes", ["3,x,4", "3,2", "3,0,4", ""])
 def test_bad_shapes_flag_is_refused(shapes, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["--shapes", shapes])
+        benchmark.main(["--shapes", shapes])
     assert exit_.value.code == 2 and "--shapes takes 'T,B,H" in capsys.readouterr().err
 
 
@@ -46,6 +56,19 @@ def test_bad_flags_are_refused_before_timing(args, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     args = [a.replace("FILE", str(tmp_path / "a_file")) for a in args]
     with pytest.raises(SystemExit) as exit_:
-        bench.main(args)
+        benchmark.main(args)
     err = capsys.readouterr()
     assert exit_.value.code == 2 and message in err.err and "matmul" not in err.out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["rnnlm_ext", "rnnlm_ext.benchmark"])
+def test_the_library_imports_without_the_extras_and_without_the_language_model(module):
+    """tqdm and matplotlib made unimportable, as where they are not installed (torch copes without them)."""
+    code = ("import sys\n"
+            "sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
+            f"import {module}\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rnnlm_ext.lm')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from rnnlm_ext.cli import main
+from rnnlm_ext.lm import data, models
+from rnnlm_ext.lm.cli import main
+from rnnlm_ext.lm.generate import generate
+from rnnlm_ext.lm.train import TrainConfig
 
 TINY = ["--hidden", "16", "--layers", "1", "--epochs", "1", "--no-progress"]
 
@@ -31,15 +34,16 @@ def test_train_resume_generate_on_human_numbers(tmp_path, capsys):
                                          "fifty sixty seventy eighty ninety hundred thousand"]).split())
 
 
+@pytest.mark.slow
 def test_char_level_text_file_through_the_console_entry(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question.\n" * 40)
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "train", "--dataset", str(text), "--level", "char",
-                            "--bs", "4", "--bptt", "8", "--model", "seed", *TINY, "--save", str(run)],
+    train = subprocess.run([sys.executable, "-m", "rnnlm_ext.lm.cli", "train", "--dataset", str(text), "--level", "char",
+                            "--bs", "4", "--bptt", "8", "--model", "shared", *TINY, "--save", str(run)],
                            capture_output=True, text=True, timeout=120)
     assert train.returncode == 0, train.stderr
-    gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.cli", "generate", "--checkpoint", str(run),
+    gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.lm.cli", "generate", "--checkpoint", str(run),
                           "--prompt", "to be", "--tokens", "20", "--seed", "3"], capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     text = gen.stdout.removesuffix("\n")  # print's newline; a generated one stays
@@ -51,7 +55,11 @@ def test_char_level_text_file_through_the_console_entry(tmp_path):
     (["--dataset", "EMPTY"], "--dataset: corpus .* is empty"),
     (["--bptt", "0"], "--bptt must be >= 1"),
     (["--bs", "30000"], "--bs 30000 is too large for the train stream"),
-    (["--resume", "CORRUPT"], "--checkpoint/--resume: .* is not a readable checkpoint"),
+    (["--resume", "CORRUPT"], "--resume: .* is not a readable checkpoint"),
+    (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--model", "lmmodel4", "--tie-weights"], "--tie-weights needs --model rnn or shared"),
+    (["--lr", "1e12", "--clip", "0"], "new run with a lower --lr or a smaller --clip \\(--resume keeps"),
 ])
 def test_train_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -90,9 +98,10 @@ def test_resume_names_the_flags_it_would_ignore(tmp_path, capsys):
     assert "--lr 0.01 (the run's: 0.003)" in err and "--hidden" not in err, err  # --hidden 16 is the run's
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_at_a_batch_boundary_checkpointed_and_exits_130(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "rnnlm_ext.cli", "train", "--hidden", "16", "--layers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "rnnlm_ext.lm.cli", "train", "--hidden", "16", "--layers", "1",
                              "--epochs", "200", "--no-progress", "--save", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # training has started once the first epoch's row is out
@@ -104,19 +113,42 @@ def test_ctrl_c_stops_at_a_batch_boundary_checkpointed_and_exits_130(tmp_path):
     assert "stopped after step" in out and (run / "checkpoint.pt").exists()
 
 
-def test_bench_is_the_kernel_benchmark(capsys):
+def test_bench_is_the_kernel_benchmark_with_its_defaults_in_the_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--help"])
     assert exit_.value.code == 0
-    assert "usage: rnnlm bench" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: rnnlm bench")
+    for default in ("(default: 25)", "(default: 3)", "(default: cpu)", "16,64,64;16,64,256", "T=128"):
+        assert default in out, default
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--repeats", "0"])
+    assert exit_.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_train_help_has_a_flag_with_its_default_for_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    options = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    for flag, default in [("--hidden HIDDEN_SIZE", "(default: 256)"), ("--dropout DROPOUT", "(default: 0.0)"),
+                          ("--save-every STEPS", "(default: 0)"), ("--lr LR", "(default: 0.003)")]:
+        assert default in options[options.index(flag):].split(" --")[0], flag
+    assert "--progress, --no-progress" in options and "--tie-weights" in options
+
+
+def test_flags_reach_the_settings_they_name(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["train", "--hidden", "8", "--layers", "1", "--epochs", "1", "--stop-after", "2", "--no-progress",
+                 "--max-vocab", "100", "--save-every", "1", "--tie-weights", "--json", str(out)]) == 0
+    config = json.loads(out.read_text())["config"]
+    expected = {**vars(TrainConfig()), "hidden_size": 8, "layers": 1, "epochs": 1, "stop_after": 2, "progress": False,
+                "max_vocab": 100, "save_every": 1, "tie_weights": True, "json": str(out)}
+    assert config == expected
 
 
 def test_lmmodel1_generates_from_the_last_three_tokens():
     """LMModel1 reads exactly three tokens: the context is the prompt's last three, then the last three generated."""
     import torch
-
-    from rnnlm_ext import data, models
-    from rnnlm_ext.cli import generate
 
     torch.manual_seed(0)
     vocab = data.load_corpus("human-numbers").vocab
@@ -127,7 +159,7 @@ def test_lmmodel1_generates_from_the_last_three_tokens():
         for _ in range(5):
             ids.append(int(model(torch.tensor([ids[-3:]])).argmax()))
     assert generate(model, vocab, "word", prompt, 5, temperature=0).split() == vocab.decode(ids)
-    with pytest.raises(ValueError, match="--prompt must hold at least 3 tokens for lmmodel1"):
+    with pytest.raises(ValueError, match="prompt must hold at least 3 tokens for lmmodel1"):
         generate(model, vocab, "word", "one .", 5)
 
 

@@ -1,8 +1,8 @@
-"""rnnlm_ext.data: Human Numbers exactly as fastai ships it, text corpora, vocabulary, in-order batching."""
+"""rnnlm_ext.lm.data: Human Numbers exactly as fastai ships it, text corpora, vocabulary, in-order batching."""
 import pytest
 import torch
 
-from rnnlm_ext import data
+from rnnlm_ext.lm import data
 
 
 def test_human_numbers_counts_and_spot_values():
@@ -70,19 +70,19 @@ def test_folder_with_its_own_split(tmp_path):
 
 
 def test_bad_data_errors_name_the_argument(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--dataset.*no such file"):
+    with pytest.raises(FileNotFoundError, match="^dataset: no such file"):
         data.load_corpus(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="--dataset.*empty"):
+    with pytest.raises(data.SettingError, match="^dataset: .*empty"):
         data.load_corpus(str(tmp_path / "empty.txt"))
     (tmp_path / "no_text").mkdir()
-    with pytest.raises(ValueError, match="--dataset.*no .txt"):
+    with pytest.raises(data.SettingError, match="^dataset: .*no .txt"):
         data.load_corpus(str(tmp_path / "no_text"))
-    with pytest.raises(ValueError, match="--bs 6 is too large"):
+    with pytest.raises(data.SettingError, match="^bs 6 is too large"):
         data.batchify(torch.arange(10), 6)
-    with pytest.raises(ValueError, match="--bptt must be >= 1"):
+    with pytest.raises(data.SettingError, match="^bptt must be >= 1"):
         next(data.batches(torch.zeros(2, 5, dtype=torch.long), 0))
-    with pytest.raises(ValueError, match="--level"):
+    with pytest.raises(data.SettingError, match="^level: human-numbers is word level"):
         data.load_corpus("human-numbers", "char")
 
 

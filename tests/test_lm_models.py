@@ -1,4 +1,5 @@
 """TBPTT semantics of the stateful models: carried state, detach, flat graph, reset, fused == nn.RNN."""
+import functools
 import weakref
 
 import pytest
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_rel_close
-from rnnlm_ext import models
+from rnnlm_ext import reference
+from rnnlm_ext.lm import models
 from rnnlm_ext.rnn import RNN
 
 V, H = 11, 8
@@ -23,7 +25,7 @@ def _stateful(name, dtype=torch.float64, **kw):
 
 
 STATEFUL = [("rnn", {"num_layers": 2, "nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
-            ("seed", {"num_layers": 2}), ("lmmodel4", {})]
+            ("shared", {"num_layers": 2}), ("lmmodel4", {})]
 
 
 @pytest.mark.parametrize("name,kw", STATEFUL)
@@ -127,10 +129,10 @@ def test_fused_and_nn_rnn_give_the_same_losses_and_gradients(nonlinearity, layer
             assert_rel_close(p.grad, q.grad, 1e-10, f"grad of {name}")
 
 
-def test_seed_cell_is_lmmodel4_with_the_fused_op():
+def test_shared_weight_cell_is_lmmodel4_with_the_fused_op():
     torch.manual_seed(2)
     m4 = models.LMModel4(V, H).double()
-    seed = models.RNNLM(V, H, cell="seed").double()
+    seed = models.RNNLM(V, H, cell="shared").double()
     with torch.no_grad():
         seed.i_h.weight.copy_(m4.i_h.weight)
         seed.rnn.weight[0].copy_(m4.h_h.weight)
@@ -146,11 +148,30 @@ def test_seed_cell_is_lmmodel4_with_the_fused_op():
     assert_rel_close(seed.i_h.weight.grad, m4.i_h.weight.grad, 1e-10, "grad of the embedding")
 
 
-def test_seed_models_shapes_and_names():
+def test_fastbook_models_shapes_and_names():
     x = torch.randint(0, V, (4, 3))
     for name in ("lmmodel1", "lmmodel2", "lmmodel3"):
         assert models.build_model(name, V, H)(x).shape == (4, V)
     assert models.build_model("lmmodel4", V, H)(x).shape == (4, 3, V)
-    assert models.LMModel1 is models.reference.SimpleLM and models.LMModel2 is models.reference.SimpleLMRNN
-    with pytest.raises(ValueError, match="--model"):
+    # one name each, beside the other language models; the layer's reference holds none
+    assert not [v for v in vars(reference).values() if isinstance(v, type) and issubclass(v, nn.Module)]
+    with pytest.raises(ValueError, match="^model must be one of rnn, shared, "):
         models.build_model("lstm", V, H)
+
+
+@pytest.mark.parametrize("layer", [functools.partial(RNN, H, H), functools.partial(models.SharedWeightRNN, H)])
+def test_reference_impl_gives_the_fused_outputs_and_gradients(layer):
+    torch.manual_seed(3)
+    fused = layer(num_layers=2, nonlinearity="tanh").double()
+    ref = layer(num_layers=2, nonlinearity="tanh", impl="reference").double()
+    ref.load_state_dict(fused.state_dict())
+    x, h0 = torch.randn(7, 3, H, dtype=torch.float64), torch.randn(2, 3, H, dtype=torch.float64)
+    results = []
+    for model in (fused, ref):
+        out, h_n = model(x, h0)
+        (out.square().sum() + h_n.sum()).backward()
+        results.append([out, h_n] + [p.grad for p in model.parameters()])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_rel_close(a, b, 1e-10, f"output {i}")
+    with pytest.raises(ValueError, match="impl must be one of 'fused', 'reference', got 'cuda'"):
+        layer(impl="cuda")

@@ -2,16 +2,20 @@
 import json
 import math
 import os
+import re
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from rnnlm_ext.train import CHECKPOINT, TrainConfig, TrainingError, _atomic_write, _perplexity, load_checkpoint, train
+from rnnlm_ext.lm import data
+from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_write,
+                                 _perplexity, load_checkpoint, train)
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
-SMALL = dict(hidden=16, layers=2, dropout=0.2, epochs=2, progress=False)
+SMALL = dict(hidden_size=16, layers=2, dropout=0.2, epochs=2, progress=False)
 
 
 def quiet(_):
@@ -50,45 +54,51 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     ckpt = str(tmp_path / "run")
     train(TrainConfig(**{**SMALL, "epochs": 1}, save=ckpt), log=quiet)
     good = load_checkpoint(ckpt)
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*stopped.*new run with a lower --lr"):
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*stopped.*new run with a lower lr") as err:
         train(TrainConfig(**{**SMALL, "epochs": 1}, lr=1e12, clip=0, save=ckpt, save_every=1), log=quiet)
+    assert {"lr", "clip"} <= set(err.value.names)
     kept = load_checkpoint(ckpt)
     assert all(torch.isfinite(p).all() for p in kept["model"].values())
-    assert kept["epoch"] in (0, 1)  # the good run's checkpoint or a later one written before the blow-up
+    # save_every=1: the last step before the blown-up batch was checkpointed, over the good run's end
+    blown_up = int(re.search(r"batch (\d+)", str(err.value)).group(1))
+    assert (kept["epoch"], kept["batch"]) == ((0, blown_up - 1) if blown_up > 1 else (1, 0))
     assert not os.path.exists(os.path.join(ckpt, CHECKPOINT + ".tmp"))
     assert good["vocab"] == kept["vocab"]
 
 
 def test_corrupt_and_missing_checkpoints_are_reported(tmp_path):
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="--resume.*not a readable checkpoint"):
+    with pytest.raises(SettingError, match="^resume: .* is not a readable checkpoint"):
         train(TrainConfig(resume=str(tmp_path)), log=quiet)
-    with pytest.raises(FileNotFoundError, match="--resume.*no checkpoint.pt"):
+    with pytest.raises(FileNotFoundError, match="^resume: no checkpoint.pt"):
         train(TrainConfig(resume=str(tmp_path / "nowhere")), log=quiet)
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("bptt", 0, "--bptt must be >= 1"), ("bs", 40000, "--bs 40000 is too large"),
-    ("dropout", 1.0, "--dropout"), ("lr", 0.0, "--lr must be a finite number > 0"),
-    ("lr", math.inf, "--lr must be a finite number > 0"), ("lr", math.nan, "--lr must be a finite number > 0"),
-    ("clip", -1.0, "--clip must be a finite number >= 0"), ("clip", math.nan, "--clip must be a finite number >= 0"),
-    ("wd", -1.0, "--wd must be a finite number >= 0"), ("save_every", -1, "--save-every must be >= 0"),
-    ("stop_after", 0, "--stop-after must be >= 1"), ("min_freq", 0, "--min-freq must be >= 1"),
-    ("max_vocab", 0, "--max-vocab must be >= 1"),
+    ("bptt", 0, "bptt must be >= 1"), ("bs", 40000, "bs 40000 is too large"), ("hidden_size", 0, "hidden_size must"),
+    ("dropout", 1.0, "dropout must be in"), ("lr", 0.0, "lr must be a finite number > 0"),
+    ("lr", math.inf, "lr must be a finite number > 0"), ("lr", math.nan, "lr must be a finite number > 0"),
+    ("clip", -1.0, "clip must be a finite number >= 0"), ("clip", math.nan, "clip must be a finite number >= 0"),
+    ("wd", -1.0, "wd must be a finite number >= 0"), ("save_every", -1, "save_every must be >= 0"),
+    ("stop_after", 0, "stop_after must be >= 1"), ("min_freq", 0, "min_freq must be >= 1"),
+    ("max_vocab", 0, "max_vocab must be >= 1"), ("nonlinearity", "gelu", "nonlinearity must be relu or tanh"),
+    ("tie_weights", True, "tie_weights needs model rnn or shared"),
 ])
-def test_bad_settings_name_the_flag(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        train(TrainConfig(**{**SMALL, field: value}), log=quiet)
+def test_bad_settings_name_the_parameter(field, value, message):
+    settings = {**SMALL, field: value, **({"model": "lmmodel4"} if field == "tie_weights" else {})}
+    with pytest.raises(SettingError, match="^" + message) as err:
+        train(TrainConfig(**settings), log=quiet)
+    assert field in err.value.names
 
 
 def test_output_paths_that_cannot_be_written_fail_before_training(tmp_path):
     lines = []
     (tmp_path / "a_file").write_text("")
     for kwargs, message in [
-        (dict(save=str(tmp_path / "a_file")), "--save: .* exists and is not a folder"),
-        (dict(save=str(tmp_path / "a_file" / "run")), "--save: cannot write to the folder"),
-        (dict(json=str(tmp_path)), "--json: .* is a folder; give a file path"),
-        (dict(json=str(tmp_path / "a_file" / "r.json")), "--json: .*a_file' exists and is not a folder"),
+        (dict(save=str(tmp_path / "a_file")), "save: .* exists and is not a folder"),
+        (dict(save=str(tmp_path / "a_file" / "run")), "save: cannot write to the folder"),
+        (dict(json=str(tmp_path)), "json: .* is a folder; give a file path"),
+        (dict(json=str(tmp_path / "a_file" / "r.json")), "json: .*a_file' exists and is not a folder"),
     ]:
         with pytest.raises(ValueError, match=message):
             train(TrainConfig(**SMALL, **kwargs), log=lines.append)
@@ -101,11 +111,11 @@ def test_resume_refuses_changed_settings_and_a_changed_data_set(tmp_path):
     run = str(tmp_path / "run")
     small = dict(SMALL, dataset=str(text), bs=8)
     train(TrainConfig(**small, save=run, stop_after=5), log=quiet)
-    with pytest.raises(ValueError, match=r"--resume continues the run .* --lr 0.01 \(the run's: 0.003\)"):
-        train(TrainConfig(resume=run, lr=0.01), log=quiet, given=["lr"])
+    with pytest.raises(SettingError, match=r"resume continues the run .* lr 0.01 \(the run's: 0.003\)"):
+        train(TrainConfig(resume=run, lr=0.01), log=quiet, explicit=["lr"])
     before = load_checkpoint(run)["batch"]
     text.write_text(" ".join(["one two three four five six"] * 400))
-    with pytest.raises(ValueError, match=r"--resume: the data set .* changed since the checkpoint"):
+    with pytest.raises(SettingError, match=r"resume: the data set .* changed since the checkpoint"):
         train(TrainConfig(resume=run, progress=False), log=quiet)
     assert load_checkpoint(run)["batch"] == before  # the checkpoint is left as it was
 
@@ -115,10 +125,10 @@ def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
     train(TrainConfig(**SMALL, save=run, stop_after=3), log=quiet)
     good = torch.load(os.path.join(run, CHECKPOINT), weights_only=False)
     for name, change, message in [
-        ("weights", lambda c: c["config"].update(hidden=32), "the weights in .* do not fit the model"),
+        ("weights", lambda c: c["config"].update(hidden_size=32), "the weights in .* do not fit the model"),
         ("no_vocab", lambda c: c.pop("vocab"), "is not a checkpoint of `rnnlm train --save` .*lacks vocab"),
         ("settings", lambda c: c["config"].update(foo=1), "the settings stored in .* are not those of this version"),
-        ("no_optimizer", lambda c: c.pop("optimizer"), "--resume: .* cannot be resumed .*lacks optimizer"),
+        ("no_optimizer", lambda c: c.pop("optimizer"), "resume: .* cannot be resumed .*lacks optimizer"),
     ]:
         ckpt = {**good, "config": dict(good["config"])}
         change(ckpt)
@@ -146,17 +156,31 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
     assert path.read_text() == "previous" and not (tmp_path / "r.json.tmp").exists()
 
 
-@pytest.mark.parametrize("model,bptt", [("lmmodel1", 3), ("lmmodel3", 3), ("seed", 8)])
-def test_seed_models_train(model, bptt):
-    result = train(TrainConfig(model=model, hidden=16, layers=1, bptt=bptt, epochs=1, progress=False), log=quiet)
-    assert result["final"]["valid_loss"] < math.log(30)  # better than uniform over the 30 words
+def _most_frequent_token_accuracy(cfg: TrainConfig) -> float:
+    """The valid accuracy of always predicting the train stream's most frequent token."""
+    corpus = data.load_corpus(cfg.dataset)
+    return (corpus.valid == corpus.train.bincount().argmax()).float().mean().item()
 
 
+@pytest.mark.parametrize("model,bptt", [("lmmodel1", 3), ("lmmodel3", 3), ("shared", 8)])
+def test_fastbook_models_learn_more_than_the_token_frequencies(model, bptt):
+    cfg = TrainConfig(model=model, hidden_size=16, layers=1, bptt=bptt, epochs=1, progress=False)
+    final = train(cfg, log=quiet)["final"]
+    assert final["valid_accuracy"] > _most_frequent_token_accuracy(cfg) + 0.1, final
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_two_processes_stay_in_sync(tmp_path):
     """torchrun, two gloo processes, each on its own rows; train() checks every epoch that the weights agree."""
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "rnnlm_ext.cli", "train", "--hidden", "16", "--layers", "1", "--epochs", "2", "--bs", "16",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "rnnlm_ext.lm.cli", "train", "--hidden", "16", "--layers", "1", "--epochs", "2", "--bs", "16",
            "--save", str(tmp_path / "run"), "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -172,7 +196,7 @@ def test_tokens_per_s_leaves_out_mid_epoch_checkpoint_writes(tmp_path, monkeypat
     """Each save moves the clock on by 100 s: none of it may count as training time."""
     import time
 
-    from rnnlm_ext import train as train_module
+    from rnnlm_ext.lm import train as train_module
 
     real_save, real_clock, skipped = train_module._atomic_save, time.perf_counter, [0.0]
 
@@ -182,7 +206,7 @@ def test_tokens_per_s_leaves_out_mid_epoch_checkpoint_writes(tmp_path, monkeypat
 
     monkeypatch.setattr(train_module, "_atomic_save", slow_save)
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])
-    cfg = TrainConfig(hidden=8, layers=1, epochs=1, progress=False, save=str(tmp_path / "run"), save_every=10)
+    cfg = TrainConfig(hidden_size=8, layers=1, epochs=1, progress=False, save=str(tmp_path / "run"), save_every=10)
     epoch = train(cfg, log=quiet)["epochs"][0]  # 50 batches: 4 mid-epoch saves
     assert epoch["train_time"] < 50, epoch["train_time"]
     assert epoch["tokens_per_s"] == epoch["train_tokens"] / epoch["train_time"]
@@ -196,6 +220,33 @@ def test_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path):
 def test_lmmodel1_with_a_valid_stream_too_short_for_one_batch_is_a_clear_error(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["a", "b", "c", "d"] * 25))  # 101 tokens: 20 valid, rows of 2 at --bs 8
-    with pytest.raises(ValueError, match="--bptt 3 is longer than a valid row"):
-        train(TrainConfig(dataset=str(text), model="lmmodel1", bptt=3, bs=8, hidden=8, layers=1, epochs=1,
+    with pytest.raises(SettingError, match="bptt 3 is longer than a valid row"):
+        train(TrainConfig(dataset=str(text), model="lmmodel1", bptt=3, bs=8, hidden_size=8, layers=1, epochs=1,
                           progress=False), log=quiet)
+
+
+def test_train_flushes_denormals_itself():
+    torch.set_flush_denormal(False)
+    train(TrainConfig(**{**SMALL, "epochs": 1}, stop_after=1), log=quiet)
+    assert torch.tensor([1e-40]).item() == 0.0  # a float32 denormal reads as zero
+
+
+def test_a_checkpoint_stores_every_run_setting_under_its_parameter_name(tmp_path):
+    run = str(tmp_path / "run")
+    cfg = TrainConfig(**SMALL, save=run, stop_after=3)
+    train(cfg, log=quiet)
+    ckpt = load_checkpoint(run)
+    assert ckpt["config"] == {k: getattr(cfg, k) for k in RUN_FIELDS}
+    assert ckpt["config"]["hidden_size"] == 16 and "hidden" not in ckpt["config"]
+    assert ckpt["hidden_state"].shape == (2, 64, 16)  # [L,B,H], the carried state mid-epoch
+    sums = ckpt["per_rank"][0]["sums"]  # the epoch's running sums after its first three steps
+    assert len(sums["losses"]) == 3 and sums["tokens"] == 3 * 64 * 16
+    assert sums["loss"] == pytest.approx(sum(sums["losses"]) * 64 * 16)
+
+
+def test_a_progress_bar_asked_for_without_tqdm_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # what a missing package looks like to import
+    with pytest.raises(SettingError, match="progress needs tqdm: pip install tqdm"):
+        train(TrainConfig(**{**SMALL, "progress": True}), log=quiet)
+    result = train(TrainConfig(**{**SMALL, "progress": None}, stop_after=2), log=quiet)  # unset: no bar, no error
+    assert result["stopped_at_step"] == 2

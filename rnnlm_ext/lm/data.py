@@ -12,6 +12,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from rnnlm_ext.lm.errors import SettingError
+
 UNK = "<unk>"
 EOS = "<eos>"  # separates documents (and, at word level, lines)
 
@@ -74,16 +76,16 @@ def _read_documents(path: str) -> List[str]:
             os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".txt")
         )
         if not files:
-            raise ValueError(f"--dataset: folder {path!r} holds no .txt files")
+            raise SettingError(f"dataset: folder {path!r} holds no .txt files", "dataset")
     else:
-        raise FileNotFoundError(f"--dataset: no such file or folder: {path!r}")
+        raise FileNotFoundError(f"dataset: no such file or folder: {path!r}")
     docs = []
     for f in files:
         try:
             with open(f, encoding="utf-8-sig") as fh:  # -sig: a leading byte-order mark is not text
                 docs.append(fh.read())
         except UnicodeDecodeError as err:
-            raise ValueError(f"--dataset: {f!r} is not UTF-8 text ({err})") from None
+            raise SettingError(f"dataset: {f!r} is not UTF-8 text ({err})", "dataset") from None
     return docs
 
 
@@ -97,7 +99,7 @@ def text_tokens(path: str, level: str) -> List[str]:
             stream.append(EOS)
         stream += tokens
     if not stream:
-        raise ValueError(f"--dataset: corpus {path!r} is empty (no tokens at {level} level)")
+        raise SettingError(f"dataset: corpus {path!r} is empty (no tokens at {level} level)", "dataset")
     return stream
 
 
@@ -118,14 +120,14 @@ class Vocab:
     def build(cls, tokens: Sequence[str], min_freq: int = 1, max_size: Optional[int] = None,
               unk: bool = True) -> "Vocab":
         if min_freq < 1:
-            raise ValueError(f"--min-freq must be >= 1, got {min_freq}")
+            raise SettingError(f"min_freq must be >= 1, got {min_freq}", "min_freq")
         counts = collections.Counter(tokens)
         # Counter keeps first-appearance order; a literal UNK in the text (PTB and WikiText
         # have one) is the unknown token, not a word competing for one of the max_size places
         kept = [t for t in counts if counts[t] >= min_freq and t != UNK]
         if max_size is not None:
             if max_size < 1:
-                raise ValueError(f"--max-vocab must be >= 1, got {max_size}")
+                raise SettingError(f"max_size must be >= 1, got {max_size}", "max_size")
             top = set(sorted(kept, key=lambda t: -counts[t])[:max_size])  # stable: ties by appearance
             kept = [t for t in kept if t in top]
         if not unk and len(kept) < len(counts):
@@ -188,7 +190,7 @@ def load_corpus(dataset: str = "human-numbers", level: str = "word", min_freq: i
     """'human-numbers' or a path -> Corpus. A given vocab (from a checkpoint) is reused as is."""
     if dataset == "human-numbers":
         if level != "word":
-            raise ValueError("--level: human-numbers is word level")
+            raise SettingError("level: human-numbers is word level", "level")
         tokens = human_numbers_tokens()
         vocab = vocab or Vocab.build(tokens, unk=False)
         return Corpus(vocab, *split_stream(vocab.encode(tokens), valid_pct), level)
@@ -209,12 +211,13 @@ def batchify(ids: Tensor, bs: int, name: str = "stream") -> Tensor:
     Row j is ids[j*L:(j+1)*L], so reading a row left to right reads the stream in order.
     """
     if bs < 1:
-        raise ValueError(f"--bs must be >= 1, got {bs}")
+        raise SettingError(f"bs must be >= 1, got {bs}", "bs")
     L = len(ids) // bs
     if L < 2:
-        raise ValueError(
-            f"--bs {bs} is too large for the {name} stream of {len(ids)} tokens: each row needs at "
-            f"least 2 tokens (an input and its target), so --bs must be <= {len(ids) // 2}"
+        raise SettingError(
+            f"bs {bs} is too large for the {name} stream of {len(ids)} tokens: each row needs at "
+            f"least 2 tokens (an input and its target), so bs must be <= {len(ids) // 2}",
+            "bs",
         )
     return ids[: bs * L].view(bs, L)
 
@@ -233,7 +236,7 @@ def batches(rows: Tensor, bptt: int, start: int = 0, drop_last: bool = False) ->
     drops it instead (for models that only take exactly bptt tokens). start skips that many batches.
     """
     if bptt < 1:
-        raise ValueError(f"--bptt must be >= 1, got {bptt}")
+        raise SettingError(f"bptt must be >= 1, got {bptt}", "bptt")
     for k in range(start, num_batches(rows, bptt, drop_last)):
         i = k * bptt
         T = min(bptt, rows.shape[1] - 1 - i)

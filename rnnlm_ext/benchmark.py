@@ -24,8 +24,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from rnnlm_ext import RNN, ops, reference
-from rnnlm_ext.train import check_writable
+from rnnlm_ext import RNN, reference
+from rnnlm_ext._files import check_writable
 
 CPU_SHAPES = [(16, 64, 64), (16, 64, 256), (64, 64, 256), (64, 64, 1024), (256, 32, 128), (64, 256, 512)]
 CUDA_T = 128
@@ -96,7 +96,8 @@ def copy_gbps(device: str, repeats: int) -> float:
 # the implementations, all holding the same weights
 
 
-def layers(H: int, nonlinearity: str, device: str, dtype: torch.dtype, python_loop: bool):
+def implementations(H: int, nonlinearity: str, device: str, dtype: torch.dtype, python_loop: bool):
+    """rnnlm_ext.RNN, nn.RNN and (python_loop) the reference's loop, by name, all with the same weights."""
     fused = RNN(H, H, nonlinearity=nonlinearity, device=device, dtype=dtype)
     torch_rnn = nn.RNN(H, H, nonlinearity=nonlinearity, device=device, dtype=dtype)
     torch_rnn.load_state_dict(fused.state_dict())
@@ -135,7 +136,9 @@ def check(expected, impl, x, h0, dout, tol: float, grads: bool, label: str) -> N
 
 
 def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_loop, gflops, gbps, paths):
-    others = layers(H, nonlinearity, device, dtype, python_loop)
+    from rnnlm_ext import ops  # the compiled op, loaded when timing starts (`rnnlm --help` works unbuilt)
+
+    others = implementations(H, nonlinearity, device, dtype, python_loop)
     fused = others.pop("rnnlm_ext")
     # one entry per CUDA path of the fused layer (only "rnnlm_ext" on the CPU), then the others
     impls = {f"rnnlm_ext[{path}]" if path else "rnnlm_ext": fused for path in paths}
@@ -156,8 +159,8 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
     # Correctness first. In float64 the output and dx must equal nn.RNN's to rounding. In the
     # timed dtype only the output is compared: with relu, a unit whose pre-activation rounds to
     # the other side of 0 flips its derivative, so two correct low-precision backwards can
-    # differ in dx by O(|w_hh|) (seen: 3.6e-2 at T,B,H = 64,64,256 in float32).
-    exact = layers(H, nonlinearity, device, torch.float64, python_loop)
+    # differ in dx by O(|w_hh|).
+    exact = implementations(H, nonlinearity, device, torch.float64, python_loop)
     for name in impls:
         label = f"T={T} B={B} H={H} {nonlinearity}: {name}"
         impl64 = exact["rnnlm_ext" if name.startswith("rnnlm_ext") else name]
@@ -249,36 +252,52 @@ def parse_shapes(text: str):
     return shapes
 
 
-def main(argv=None) -> List[Row]:
-    p = argparse.ArgumentParser(prog="rnnlm bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--shapes", type=parse_shapes, help="'T,B,H;...' (I = H); default: the issue's grid")
-    p.add_argument("--nonlinearity", choices=["tanh", "relu", "both"], default=None,
-                   help="default: both on the CPU, tanh on the GPU")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's flags, on its own parser or on `rnnlm bench`."""
+    cpu_grid = ";".join(",".join(map(str, shape)) for shape in CPU_SHAPES)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the layers run")
+    p.add_argument("--shapes", type=parse_shapes,
+                   help=f"'T,B,H;...' (I = H); unset: {cpu_grid} on the CPU, T={CUDA_T} with every B of "
+                        f"{','.join(map(str, CUDA_BATCHES))} and H of {','.join(map(str, CUDA_HIDDEN))} on the GPU")
+    p.add_argument("--nonlinearity", choices=[*reference.NONLINEARITIES, "both"], default=None,
+                   help="unset: both on the CPU, tanh on the GPU")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated, of float32, float64 (CPU and GPU), bfloat16, float16 (GPU); "
-                        "default float32 (CPU), float32,bfloat16 (GPU)")
+                        "unset: float32 on the CPU, float32,bfloat16 on the GPU")
     p.add_argument("--repeats", type=int, default=25, help="timed runs per measurement (median)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before them")
     p.add_argument("--no-python-loop", action="store_true", help="skip the pure-Python loop")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> List[Row]:
+    p = argparse.ArgumentParser(prog="rnnlm bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv), p.error)
+
+
+def run(args: argparse.Namespace, error: Callable[[str], None]) -> List[Row]:
+    """Check the flags (error(message) for a bad one), time every shape, print and write the results."""
+    from rnnlm_ext import ops  # the compiled op, loaded when timing starts (`rnnlm --help` works unbuilt)
+
     if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+        error("--repeats must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device here")
+        error("--device cuda: torch sees no CUDA device here")
     cuda = args.device == "cuda"
     allowed = ["float32", "float64"] + (["bfloat16", "float16"] if cuda else [])
     names = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
     if not names or any(n not in allowed for n in names):
-        p.error(f"--dtypes takes a comma-separated list of {', '.join(allowed)} on {args.device}, got {args.dtypes!r}")
+        error(f"--dtypes takes a comma-separated list of {', '.join(allowed)} on {args.device}, got {args.dtypes!r}")
     try:
         check_writable(args.out, "--out")
     except ValueError as err:
-        p.error(str(err))
+        error(str(err))
 
     shapes = args.shapes or ([(CUDA_T, b, h) for h in CUDA_HIDDEN for b in CUDA_BATCHES] if cuda else CPU_SHAPES)
-    acts = {"both": ["tanh", "relu"], None: ["tanh"] if cuda else ["tanh", "relu"]}.get(args.nonlinearity, [args.nonlinearity])
+    every = list(reference.NONLINEARITIES)
+    acts = {"both": every, None: ["tanh"] if cuda else every}.get(args.nonlinearity, [args.nonlinearity])
     dtypes = [getattr(torch, n) for n in names]
     python_loop = not args.no_python_loop and not cuda
 
@@ -315,8 +334,10 @@ def main(argv=None) -> List[Row]:
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     plotted = plot(rows, stem + ".png")
-    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else " (no PNG: matplotlib is not installed)"))
+    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else " (no PNG: `pip install matplotlib` for one)"))
     return rows
+
+
 
 
 if __name__ == "__main__":
