@@ -1,7 +1,4 @@
 """rnnlm_ext.RNN as a drop-in for torch.nn.RNN: outputs, gradients, state_dict, API, errors."""
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,9 +6,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rnnlm_ext.rnn
-from helpers import DEVICES, TOL, assert_rel_close
+from helpers import DEVICES, TOL, assert_rel_close, run_python
 from rnnlm_ext import RNN, ops, reference
-from rnnlm_ext.reference import SimpleLMRNN
 
 
 def make_pair(I, H, device="cpu", dtype=torch.float64, **kwargs):
@@ -75,16 +71,17 @@ def test_matches_torch_nn_rnn(device, dtype, with_h0, T, B, I, H, kwargs):
     compare(ours, theirs, x, h0, TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_h0", [True, False])
 @pytest.mark.parametrize("T,B,I,H,kwargs", CONFIGS)
-def test_matches_reference(dtype, with_h0, T, B, I, H, kwargs, monkeypatch):
+def test_matches_reference(device, dtype, with_h0, T, B, I, H, kwargs, monkeypatch):
     """The same module, once through the fused op and once through the reference loop."""
     torch.manual_seed(0)
-    fused = RNN(I, H, dtype=dtype, **kwargs).eval()
+    fused = RNN(I, H, device=device, dtype=dtype, **kwargs).eval()
     shape = (B, T, I) if kwargs.get("batch_first") else (T, B, I)
-    x = torch.randn(shape, dtype=dtype)
-    h0 = torch.randn(fused.num_layers * fused.num_directions, B, H, dtype=dtype) if with_h0 else None
+    x = torch.randn(shape, dtype=dtype, device=device)
+    h0 = torch.randn(fused.num_layers * fused.num_directions, B, H, dtype=dtype, device=device) if with_h0 else None
     expected = run(fused, x, h0)
     using_reference(monkeypatch)
     actual = run(fused, x, h0)
@@ -92,7 +89,7 @@ def test_matches_reference(dtype, with_h0, T, B, I, H, kwargs, monkeypatch):
         assert_rel_close(actual[name], expected[name], TOL[dtype], name)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     T=st.integers(1, 12),
     B=st.integers(1, 9),
@@ -113,21 +110,23 @@ def test_matches_torch_nn_rnn_on_random_shapes(T, B, I, H, layers, bidirectional
     compare(ours, theirs, x, h0, TOL[torch.float64])
 
 
-def test_unbatched_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_unbatched_input(device):
     torch.manual_seed(0)
-    ours, theirs = make_pair(3, 5, num_layers=2, bidirectional=True)
-    x = torch.randn(6, 3, dtype=torch.float64)
-    h0 = torch.randn(4, 5, dtype=torch.float64)
+    ours, theirs = make_pair(3, 5, device, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, dtype=torch.float64, device=device)
+    h0 = torch.randn(4, 5, dtype=torch.float64, device=device)
     compare(ours, theirs, x, h0, TOL[torch.float64])
     out, h_n = ours(x)
     assert out.shape == (6, 10) and h_n.shape == (4, 5)
 
 
-def test_gradcheck_through_the_module():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_through_the_module(device):
     torch.manual_seed(0)
-    m = RNN(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
-    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    m = RNN(3, 4, num_layers=2, bidirectional=True, device=device, dtype=torch.float64)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, h0: m(x, h0), (x, h0))
 
 
@@ -146,13 +145,14 @@ def test_same_constructor_parameters_and_initialisation():
         assert getattr(ours, attr) == getattr(theirs, attr), attr
 
 
-def test_state_dict_moves_both_ways():
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_moves_both_ways(device):
     """nn.RNN's weights loaded into rnnlm_ext.RNN, then new weights of ours loaded into nn.RNN:
     each time the same outputs, h_n and gradients."""
     torch.manual_seed(0)
-    x = torch.randn(5, 3, 4, dtype=torch.float64)
-    h0 = torch.randn(4, 3, 6, dtype=torch.float64)
-    kwargs = dict(num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
+    h0 = torch.randn(4, 3, 6, dtype=torch.float64, device=device)
+    kwargs = dict(num_layers=2, bidirectional=True, device=device, dtype=torch.float64)
     theirs = nn.RNN(4, 6, **kwargs)
     ours = RNN(4, 6, **kwargs)
     ours.load_state_dict(theirs.state_dict())
@@ -177,8 +177,10 @@ def test_dropout_in_train_mode():
     torch.manual_seed(43)
     c = run(ours, x, None)
     assert (c["output"] - a["output"]).abs().max() > 1e-3, "dropout masks do not change with the seed"
-    ours.eval()
-    assert not torch.equal(ours(x)[0], a["output"]), "train-mode output equals eval-mode output"
+    ours.eval(), theirs.eval()
+    evaluated = ours(x)[0]
+    assert_rel_close(evaluated, theirs(x)[0], TOL[torch.float64], "eval-mode output")
+    assert (evaluated - a["output"]).abs().max() > 1e-3, "eval mode still drops units"
 
 
 def test_packed_sequence_is_refused_with_advice():
@@ -188,28 +190,34 @@ def test_packed_sequence_is_refused_with_advice():
         m(packed)
 
 
-def test_seed_cell_runs_through_the_fused_op():
-    """h = relu(W·(h + e_t) + b) is the Elman cell with w_ih = w_hh = W and one bias."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_weight_cell_runs_through_the_fused_op(device):
+    """h = relu(W·(h + e_t) + b), the notebook's shared-weight cell, is the Elman cell with
+    w_ih = w_hh = W and one bias: the op given the one tensor twice sums its two gradients."""
+    g = torch.Generator().manual_seed(0)
+    T, B, H = 5, 8, 16
+    emb = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    W = (torch.randn(H, H, generator=g, dtype=torch.float64) / H**0.5).to(device).requires_grad_()
+    b = torch.randn(H, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    dout = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device)
+    h, steps = emb.new_zeros(B, H), []
+    for e_t in emb:
+        h = torch.relu((h + e_t) @ W.T + b)
+        steps.append(h)
+    expected = torch.stack(steps)
+    expected_grads = torch.autograd.grad(expected, [emb, W, b], dout)
+    out = ops.rnn_layer(emb, emb.new_zeros(B, H), W, W, b, "relu")
+    grads = torch.autograd.grad(out, [emb, W, b], dout)
+    assert_rel_close(out, expected, TOL[torch.float64], "out")
+    for name, grad, e in zip(["demb", "dW", "db"], grads, expected_grads):
+        assert_rel_close(grad, e, TOL[torch.float64], name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_equals_eager(device):
     torch.manual_seed(0)
-    model = SimpleLMRNN(30, 16).double()
-    tokens = torch.randint(0, 30, (8, 5))
-    expected = model(tokens)
-    expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
-
-    emb = model.i_h(tokens).transpose(0, 1)  # [T,B,H]
-    W, b = model.h_h.weight, model.h_h.bias
-    out = ops.rnn_layer(emb, emb.new_zeros(8, 16), W, W, b, "relu")
-    logits = model.h_o(out[-1])
-    grads = torch.autograd.grad(logits.sum(), list(model.parameters()))
-    assert_rel_close(logits, expected, TOL[torch.float64], "logits")
-    for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
-        assert_rel_close(g, e, TOL[torch.float64], name)
-
-
-def test_torch_compile_fullgraph_equals_eager():
-    torch.manual_seed(0)
-    m = RNN(5, 8, num_layers=2, bidirectional=True)
-    x = torch.randn(7, 3, 5)
+    m = RNN(5, 8, num_layers=2, bidirectional=True, device=device)
+    x = torch.randn(7, 3, 5, device=device)
 
     def loss(x):
         out, h_n = m(x)
@@ -259,6 +267,7 @@ def test_bad_constructor_arguments(kwargs, message):
         RNN(**args)
 
 
+@pytest.mark.slow
 def test_falls_back_to_the_reference_with_a_warning_when_the_extension_is_missing():
     """An unbuilt package still works (slowly) and says so, instead of failing at import."""
     code = (
@@ -276,6 +285,6 @@ def test_falls_back_to_the_reference_with_a_warning_when_the_extension_is_missin
         "theirs.load_state_dict(ours.state_dict())\n"
         "x = torch.randn(5, 2, 3, dtype=torch.float64)\n"
         "assert (ours(x)[0] - theirs(x)[0]).abs().max() < 1e-12\n"
+        "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_python(code).strip() == "ok"
