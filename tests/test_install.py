@@ -1,9 +1,14 @@
-"""Packaging: one version everywhere."""
+"""Packaging: one version everywhere, and an extension that refuses a torch it was not built for."""
 import os
+import re
+import subprocess
+import sys
 
+import pytest
 from setuptools.config.pyprojecttoml import read_configuration
 
 import rnnlm_ext
+from rnnlm_ext import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,3 +17,44 @@ def test_version_metadata_is_the_package_version():
     # the wheel's metadata takes its version from pyproject.toml, which reads rnnlm_ext/_version.py
     project = read_configuration(os.path.join(ROOT, "pyproject.toml"))["project"]
     assert project["version"] == rnnlm_ext.__version__, (project["version"], rnnlm_ext.__version__)
+
+
+@pytest.mark.parametrize("built, running", [("2.13.0", "2.13.0+cpu"), ("2.11.0", "2.11.0a0+gitabc"), ("2.14.1", "2.14.1")])
+def test_same_torch_release_is_accepted(built, running):
+    ops._check_torch_version(built, running)
+
+
+@pytest.mark.parametrize("built, running", [("2.12.0", "2.13.0+cpu"), ("2.13.0", "2.13.1"), ("2.13.0", "3.13.0")])
+def test_another_torch_release_is_refused_with_how_to_rebuild(built, running):
+    with pytest.raises(RuntimeError, match=re.escape(f"built against torch {built}, but torch {running} is running") + ".*rebuild"):
+        ops._check_torch_version(built, running)
+
+
+def _import_in_subprocess(prelude: str) -> subprocess.CompletedProcess:
+    code = prelude + "\nimport rnnlm_ext\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_import_under_another_torch_says_to_rebuild():
+    # the running torch reports another release than the one the extension was compiled against
+    result = _import_in_subprocess("import torch\ntorch.__version__ = '2.99.0'")
+    assert result.returncode != 0, result.stdout
+    built = ops.build_info()["torch_version"]
+    assert f"built against torch {built}, but torch 2.99.0 is running" in result.stderr, result.stderr
+    assert "pip install --no-build-isolation ." in result.stderr, result.stderr
+
+
+def test_extension_that_fails_to_load_says_to_rebuild():
+    # the loader fails as it does on a library whose torch symbols are missing from this torch
+    prelude = (
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'rnnlm_ext._C':\n"
+        "            raise ImportError('undefined symbol: _ZN3c104impl3fooEv')\n"
+        "sys.meta_path.insert(0, Broken())"
+    )
+    result = _import_in_subprocess(prelude)
+    assert result.returncode != 0, result.stdout
+    assert "does not load under torch" in result.stderr and "undefined symbol" in result.stderr, result.stderr
+    assert "pip install --no-build-isolation ." in result.stderr, result.stderr
