@@ -1,4 +1,5 @@
 """Packaging: one version everywhere, and an extension that refuses a torch it was not built for."""
+
 import os
 import re
 import subprocess
@@ -19,14 +20,17 @@ def test_version_metadata_is_the_package_version():
     assert project["version"] == rnnlm_ext.__version__, (project["version"], rnnlm_ext.__version__)
 
 
-@pytest.mark.parametrize("built, running", [("2.13.0", "2.13.0+cpu"), ("2.11.0", "2.11.0a0+gitabc"), ("2.14.1", "2.14.1")])
+@pytest.mark.parametrize(
+    "built, running", [("2.13.0", "2.13.0+cpu"), ("2.11.0", "2.11.0a0+gitabc"), ("2.14.1", "2.14.1")]
+)
 def test_same_torch_release_is_accepted(built, running):
     ops._check_torch_version(built, running)
 
 
 @pytest.mark.parametrize("built, running", [("2.12.0", "2.13.0+cpu"), ("2.13.0", "2.13.1"), ("2.13.0", "3.13.0")])
 def test_another_torch_release_is_refused_with_how_to_rebuild(built, running):
-    with pytest.raises(RuntimeError, match=re.escape(f"built against torch {built}, but torch {running} is running") + ".*rebuild"):
+    message = re.escape(f"built against torch {built}, but torch {running} is running") + ".*rebuild"
+    with pytest.raises(RuntimeError, match=message):
         ops._check_torch_version(built, running)
 
 
@@ -57,4 +61,17 @@ def test_extension_that_fails_to_load_says_to_rebuild():
     result = _import_in_subprocess(prelude)
     assert result.returncode != 0, result.stdout
     assert "does not load under torch" in result.stderr and "undefined symbol" in result.stderr, result.stderr
+    assert "pip install --no-build-isolation ." in result.stderr, result.stderr
+
+
+def test_build_without_torch_stops_at_once_and_says_no_build_isolation():
+    # as in pip's isolated build environment, where the installed torch is out of sight
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.argv = ['setup.py', '--version']\n"
+        "runpy.run_path('setup.py')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "pip install --no-build-isolation ." in result.stderr, result.stderr
