@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from setuptools.config.pyprojecttoml import read_configuration
 
 import rnnlm_ext
@@ -75,3 +76,61 @@ def test_build_without_torch_stops_at_once_and_says_no_build_isolation():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "pip install --no-build-isolation ." in result.stderr, result.stderr
+
+
+SMOKE = """
+import importlib.metadata, sys
+import torch
+import rnnlm_ext
+from rnnlm_ext import ops
+
+assert rnnlm_ext.__file__.startswith(sys.prefix), rnnlm_ext.__file__  # the installed copy, not the tree
+assert importlib.metadata.version("rnnlm_ext") == rnnlm_ext.__version__
+assert ops.build_info()["torch_version"] == torch.__version__.split("+")[0], ops.build_info()
+torch.manual_seed(0)
+ref = torch.nn.RNN(5, 7, num_layers=2, dtype=torch.float64)
+ours = rnnlm_ext.RNN(5, 7, num_layers=2, dtype=torch.float64)
+ours.load_state_dict(ref.state_dict())
+x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+outs = [rnn(x) for rnn in (ref, ours)]
+grads = [
+    torch.autograd.grad(out.sum() + h_n.sum(), [x, *rnn.parameters()]) for (out, h_n), rnn in zip(outs, (ref, ours))
+]
+for a, b in zip([*outs[0], *grads[0]], [*outs[1], *grads[1]]):
+    assert (a - b).abs().max().item() < 1e-10, (a - b).abs().max().item()
+print("smoke ok")
+"""
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_tree(tmp_path):
+    """pip wheel, then a venv with only torch (the torch this was built with) and the wheel."""
+
+    def run(*args, cwd=tmp_path, timeout=600):
+        result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    dist = tmp_path / "dist"
+    run(sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", dist, ROOT)
+    (wheel,) = dist.glob("rnnlm_ext-*.whl")
+    assert wheel.name.startswith(f"rnnlm_ext-{rnnlm_ext.__version__}-"), wheel.name
+
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    py = venv / "bin" / "python"
+    run(py, "-m", "pip", "install", "--quiet", f"torch=={torch.__version__}")
+    run(py, "-m", "pip", "install", "--quiet", "--no-deps", wheel)
+    assert "smoke ok" in run(py, "-c", SMOKE).stdout
+    assert "tqdm" not in run(py, "-m", "pip", "list").stdout  # the layer alone needs torch only
+
+    run(py, "-m", "pip", "install", "--quiet", f"{wheel}[lm]")  # the rnnlm command wants the lm extra
+    help_text = run(venv / "bin" / "rnnlm", "--help").stdout
+    assert all(command in help_text for command in ("train", "generate", "bench")), help_text
+
+    # a plain `pip install .` (isolated build) stops before compiling and says what to add
+    isolated = subprocess.run(
+        [py, "-m", "pip", "install", ROOT], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert isolated.returncode != 0 and "--no-build-isolation" in isolated.stdout + isolated.stderr, isolated.stderr
+    assert "smoke ok" in run(py, "-c", SMOKE).stdout  # and leaves the installed wheel working
