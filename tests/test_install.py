@@ -10,7 +10,7 @@ import torch
 from setuptools.config.pyprojecttoml import read_configuration
 
 import rnnlm_ext
-from rnnlm_ext import ops
+from rnnlm_ext import _extension, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,14 +25,14 @@ def test_version_metadata_is_the_package_version():
     "built, running", [("2.13.0", "2.13.0+cpu"), ("2.11.0", "2.11.0a0+gitabc"), ("2.14.1", "2.14.1")]
 )
 def test_same_torch_release_is_accepted(built, running):
-    ops._check_torch_version(built, running)
+    _extension.check_torch_version(built, running)
 
 
 @pytest.mark.parametrize("built, running", [("2.12.0", "2.13.0+cpu"), ("2.13.0", "2.13.1"), ("2.13.0", "3.13.0")])
 def test_another_torch_release_is_refused_with_how_to_rebuild(built, running):
     message = re.escape(f"built against torch {built}, but torch {running} is running") + ".*rebuild"
     with pytest.raises(RuntimeError, match=message):
-        ops._check_torch_version(built, running)
+        _extension.check_torch_version(built, running)
 
 
 def _import_in_subprocess(prelude: str) -> subprocess.CompletedProcess:
