@@ -10,7 +10,17 @@ import os
 import sys
 
 from setuptools import setup
-import torch
+
+try:
+    import torch
+except ModuleNotFoundError:
+    # pip's isolated build hides the installed torch, and pyproject.toml does not ask for one:
+    # stop before anything is built rather than compile against a torch that will not import it
+    sys.exit(
+        "rnnlm_ext: torch is not importable here. The extension must be compiled against the torch "
+        "that will import it, and an isolated build (plain `pip install .`) cannot see that torch. "
+        "Install torch first, then add --no-build-isolation: `pip install --no-build-isolation .`"
+    )
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))

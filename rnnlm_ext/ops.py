@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from rnnlm_ext import _C  # noqa: F401  (importing it registers torch.ops.rnnlm_ext.*)
+from rnnlm_ext._extension import _C  # registers torch.ops.rnnlm_ext.*; refuses another torch release
 from rnnlm_ext.reference import NONLINEARITIES
 
 def rnn_layer(
