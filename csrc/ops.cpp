@@ -94,6 +94,24 @@ TORCH_LIBRARY(rnnlm_ext, m) {
       "rnn_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
       "str nonlinearity, bool reverse, bool[5] output_mask, str cuda_path=\"auto\") -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // LSTM: bias is b_ih + b_hh [4H]; out, c [T,B,H] every step's h and c; gates [T,B,4H] the
+  // activated i, f, g, o when train (kept for the backward), else empty
+  m.def(
+      "lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "bool reverse, bool train, str cuda_path=\"auto\") -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_backward(Tensor dout, Tensor dc, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor out, Tensor c, Tensor gates, bool reverse, bool[6] output_mask, "
+      "str cuda_path=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // GRU: b_ih, b_hh [3H] apart (b_hn sits inside r ⊙ (…)); saved [T,B,4H] is r, z, n and
+  // h_{t-1}·W_hnᵀ + b_hn when train, else empty
+  m.def(
+      "gru_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool reverse, bool train, str cuda_path=\"auto\") -> (Tensor, Tensor)");
+  m.def(
+      "gru_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
+      "Tensor saved, bool reverse, bool[6] output_mask, str cuda_path=\"auto\") -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rnnlm_ext, CPU, m) {
