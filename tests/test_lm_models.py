@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_rel_close
-from rnnlm_ext import reference
+from rnnlm_ext import ops, reference
 from rnnlm_ext.lm import models
 from rnnlm_ext.rnn import RNN
 
@@ -146,6 +146,24 @@ def test_shared_weight_cell_is_lmmodel4_with_the_fused_op():
     out_m4.square().sum().backward()
     assert_rel_close(seed.rnn.weight[0].grad, m4.h_h.weight.grad, 1e-10, "grad of the shared W")
     assert_rel_close(seed.i_h.weight.grad, m4.i_h.weight.grad, 1e-10, "grad of the embedding")
+
+
+def test_lmmodel2_cell_runs_through_the_fused_op():
+    """h = relu(W·(h + e_t) + b) is the Elman cell with w_ih = w_hh = W and one bias."""
+    torch.manual_seed(0)
+    model = models.LMModel2(30, 16).double()
+    tokens = torch.randint(0, 30, (8, 5))
+    expected = model(tokens)
+    expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
+
+    emb = model.i_h(tokens).transpose(0, 1)  # [T,B,H]
+    W, b = model.h_h.weight, model.h_h.bias
+    out = ops.rnn_layer(emb, emb.new_zeros(8, 16), W, W, b, "relu")
+    logits = model.h_o(out[-1])
+    grads = torch.autograd.grad(logits.sum(), list(model.parameters()))
+    assert_rel_close(logits, expected, 1e-10, "logits")
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
+        assert_rel_close(g, e, 1e-10, name)
 
 
 def test_fastbook_models_shapes_and_names():
