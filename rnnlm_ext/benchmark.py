@@ -334,7 +334,7 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> List[Row]:
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     plotted = plot(rows, stem + ".png")
-    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else " (no PNG: `pip install matplotlib` for one)"))
+    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else " (no PNG: `pip install 'rnnlm_ext[plot]'` for one)"))
     return rows
 
 

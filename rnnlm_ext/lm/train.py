@@ -527,7 +527,7 @@ def _progress_bar(run: _Run):
         from tqdm import tqdm
     except ImportError:
         if cfg.progress:
-            raise SettingError("progress needs tqdm: pip install tqdm", "progress") from None
+            raise SettingError("progress needs tqdm: pip install 'rnnlm_ext[lm]' (or tqdm)", "progress") from None
         return _NoBar()  # unset: a bar where one can be shown
     return tqdm(total=run.data.n_batches, initial=run.start_batch, desc=f"epoch {run.epoch + 1}", leave=False,
                 disable=None if cfg.progress is None else False)
