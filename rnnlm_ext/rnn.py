@@ -124,6 +124,9 @@ class RNN(nn.Module):
         return s
 
     def _check_input(self, input: Tensor, hx: Optional[Tensor]) -> None:
+        """Refuse what nn.RNN refuses, with the exception type nn.RNN raises (code that
+        catches those keeps working) and a message that names the argument or parameter and
+        gives the shapes the user passed."""
         if isinstance(input, PackedSequence):
             raise TypeError(
                 "rnnlm_ext.RNN does not take a PackedSequence (variable lengths). Pass a padded "
@@ -138,19 +141,20 @@ class RNN(nn.Module):
                 f"got {input.dim()}-D with shape {tuple(input.shape)}"
             )
         if not input.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+            raise ValueError(f"input must be a floating-point tensor, got {input.dtype}")
         weight = self.weight_ih_l0
         if input.dtype != weight.dtype:
-            raise TypeError(f"input has dtype {input.dtype} but the weights have {weight.dtype}; convert one of them")
+            raise ValueError(f"input has dtype {input.dtype} but the weights have {weight.dtype}; convert one of them")
         if input.device != weight.device:
-            raise ValueError(f"input is on {input.device} but the weights are on {weight.device}")
+            raise RuntimeError(f"input is on {input.device} but the weights are on {weight.device}")
         if input.shape[-1] != self.input_size:
-            raise ValueError(
+            raise RuntimeError(
                 f"input's last dimension must be input_size={self.input_size}, got shape {tuple(input.shape)}"
             )
         time_dim = 1 if self.batch_first and input.dim() == 3 else 0
         if input.shape[time_dim] == 0:
-            raise ValueError(f"input has no time steps (shape {tuple(input.shape)}); it needs at least one")
+            raise RuntimeError(f"input has no time steps (shape {tuple(input.shape)}); it needs at least one")
+        self._check_parameters(input)
         if hx is None:
             return
         if not isinstance(hx, Tensor):
@@ -158,14 +162,31 @@ class RNN(nn.Module):
         batch = () if input.dim() == 2 else (input.shape[0 if self.batch_first else 1],)
         expected = (self.num_layers * self.num_directions, *batch, self.hidden_size)
         if tuple(hx.shape) != expected:
-            raise ValueError(
+            raise RuntimeError(
                 f"hx must have shape {expected} (num_layers·num_directions, batch, hidden_size), "
                 f"got {tuple(hx.shape)}"
             )
         if hx.dtype != input.dtype:
-            raise TypeError(f"hx has dtype {hx.dtype} but input has {input.dtype}")
+            raise RuntimeError(f"hx has dtype {hx.dtype} but input has {input.dtype}")
         if hx.device != input.device:
-            raise ValueError(f"hx is on {hx.device} but input is on {input.device}")
+            raise RuntimeError(f"hx is on {hx.device} but input is on {input.device}")
+
+    def _check_parameters(self, input: Tensor) -> None:
+        """Parameters a user replaced keep the shapes, dtype and device the layers need
+        (else the op would name its own arguments, w_ih or w_hh, not the parameter)."""
+        H, D = self.hidden_size, self.num_directions
+        for idx, names in enumerate(self._weight_names):
+            layer_in = self.input_size if idx < D else H * D
+            shapes = {"weight_ih": (H, layer_in), "weight_hh": (H, H), "bias_ih": (H,), "bias_hh": (H,)}
+            for name in names:
+                p = getattr(self, name)
+                expected = shapes[name.split("_l")[0]]
+                if tuple(p.shape) != expected:
+                    raise RuntimeError(f"{name} must have shape {expected}, got {tuple(p.shape)}")
+                if p.dtype != input.dtype:
+                    raise RuntimeError(f"{name} has dtype {p.dtype} but input has {input.dtype}")
+                if p.device != input.device:
+                    raise RuntimeError(f"{name} is on {p.device} but input is on {input.device}")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         self._check_input(input, hx)
@@ -179,6 +200,9 @@ class RNN(nn.Module):
         if hx is None:
             hx = input.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size)
 
+        # the op takes B >= 1; for an empty batch the reference loop gives nn.RNN's empty
+        # outputs, empty gradients of x and hx, and zero gradients of the weights
+        layer_fn = _layer if B > 0 else reference.rnn_layer
         x, h_n = input, []
         for layer in range(self.num_layers):
             outs = []
@@ -188,7 +212,7 @@ class RNN(nn.Module):
                 w_ih, w_hh = params[0], params[1]
                 bias = params[2] + params[3] if self.bias else None  # autograd splits db to both
                 reverse = direction == 1
-                out = _layer(x, hx[idx], w_ih, w_hh, bias, self.nonlinearity, reverse)  # [T,B,H]
+                out = layer_fn(x, hx[idx], w_ih, w_hh, bias, self.nonlinearity, reverse)  # [T,B,H]
                 outs.append(out)
                 h_n.append(out[0] if reverse else out[-1])
             x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [T,B,D·H]

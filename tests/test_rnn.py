@@ -111,6 +111,23 @@ def test_matches_torch_nn_rnn_on_random_shapes(T, B, I, H, layers, bidirectional
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_h0", [True, False])
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 3, "bidirectional": True, "nonlinearity": "relu"}])
+def test_zero_batch_gives_empty_outputs_as_nn_rnn_does(device, batch_first, with_h0, kwargs):
+    """A batch of zero sequences: output [T,0,D·H] ([0,T,D·H] with batch_first), h_n
+    [L·D,0,H], empty gradients of x and h0 and zero gradients of the weights, as nn.RNN."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(4, 6, device, batch_first=batch_first, **kwargs)
+    x = torch.randn((0, 5, 4) if batch_first else (5, 0, 4), dtype=torch.float64, device=device)
+    h0 = torch.randn(ours.num_layers * ours.num_directions, 0, 6, dtype=torch.float64, device=device) if with_h0 else None
+    compare(ours, theirs, x, h0, TOL[torch.float64])
+    out, h_n = ours(x, h0)
+    assert out.shape == x.shape[:2] + (6 * ours.num_directions,)
+    assert h_n.shape == (ours.num_layers * ours.num_directions, 0, 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_unbatched_input(device):
     torch.manual_seed(0)
     ours, theirs = make_pair(3, 5, device, num_layers=2, bidirectional=True)
@@ -231,25 +248,80 @@ def test_torch_compile_fullgraph_equals_eager(device):
         assert_rel_close(g, e, 1e-5, "grad")
 
 
+def _module(batch_first=False, **weights):
+    """A builder of RNN(4, 6, num_layers=2) for nn.RNN and for ours, with `weights` (name:
+    shape) replaced by new parameters of that shape, as a user could set them."""
+
+    def make(cls):
+        m = cls(4, 6, num_layers=2, batch_first=batch_first)
+        for name, shape in weights.items():
+            setattr(m, name, nn.Parameter(torch.randn(shape)))
+        return m
+
+    return make
+
+
+def _case(call, message, case_id, **module):
+    return pytest.param(_module(**module), call, message, id=case_id)
+
+
+X, X_BF = torch.randn(5, 2, 4), torch.randn(3, 5, 4)  # [T,B,I] and, with batch_first, [B,T,I]
+# (module, call, what the message must say); the exception type must be nn.RNN's on the call
+BAD_INPUTS = [
+    _case(lambda m: m(torch.randn(2, 3, 4, 5)), "input must be 3-D", "4-D input"),
+    _case(lambda m: m(torch.randn(5, 2, 7)), r"input_size=4, got shape \(5, 2, 7\)", "input_size"),
+    _case(lambda m: m(X, torch.randn(1, 3, 6)), r"hx must have shape \(2, 2, 6\)", "hx shape"),
+    _case(lambda m: m(X, torch.randn(2, 6)), r"hx must have shape \(2, 2, 6\)", "hx 2-D for 3-D input"),
+    _case(lambda m: m(X[:, 0], torch.randn(2, 1, 6)), r"hx must have shape \(2, 6\)", "hx 3-D for 2-D input"),
+    _case(lambda m: m(X.double()), "input has dtype torch.float64", "input dtype"),
+    _case(lambda m: m(X.long()), "input must be a floating-point tensor", "integer input"),
+    _case(lambda m: m(X.to("meta")), "input is on meta", "input device"),
+    _case(lambda m: m(X, torch.randn(2, 2, 6, device="meta")), "hx is on meta", "hx device"),
+    _case(lambda m: m(X, torch.randn(2, 2, 6, dtype=torch.float64)), "hx has dtype", "hx dtype"),
+    _case(lambda m: m(X[:0]), "input has no time steps", "T=0"),
+    _case(lambda m: m(X[:0, :0]), "input has no time steps", "T=0 B=0"),
+    _case(lambda m: m(X[:0, 0]), "input has no time steps", "unbatched T=0"),
+    _case(lambda m: m(X), r"weight_hh_l0 must have shape \(6, 6\), got \(6, 5\)", "weight_hh_l0", weight_hh_l0=(6, 5)),
+    _case(lambda m: m(X), r"weight_ih_l0 must have shape \(6, 4\), got \(6, 5\)", "weight_ih_l0", weight_ih_l0=(6, 5)),
+    _case(lambda m: m(X), r"weight_ih_l1 must have shape \(6, 6\), got \(6, 4\)", "weight_ih_l1", weight_ih_l1=(6, 4)),
+    _case(lambda m: m(X), r"bias_hh_l1 must have shape \(6,\), got \(5,\)", "bias_hh_l1", bias_hh_l1=(5,)),
+    # batch_first: the shapes the user passed, [B,T,I], not the [T,B,I] the layers see
+    _case(lambda m: m(torch.randn(3, 5, 7)), r"got shape \(3, 5, 7\)", "batch_first input_size", batch_first=True),
+    _case(lambda m: m(X_BF[:, :0]), r"no time steps \(shape \(3, 0, 4\)\)", "batch_first T=0", batch_first=True),
+    _case(
+        lambda m: m(X_BF, torch.randn(2, 5, 6)),
+        r"hx must have shape \(2, 3, 6\).*got \(2, 5, 6\)",
+        "batch_first hx",
+        batch_first=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("make_module,make_call,message", BAD_INPUTS)
+def test_bad_input_raises_what_nn_rnn_raises_and_names_the_argument(make_module, make_call, message):
+    """Code that catches nn.RNN's exceptions keeps working: the same type on the same call;
+    the message names the argument or parameter, with the shape the user gave."""
+    torch.manual_seed(0)
+    with pytest.raises(Exception) as theirs:
+        make_call(make_module(nn.RNN))
+    with pytest.raises(Exception, match=message) as ours:
+        make_call(make_module(RNN))
+    assert type(ours.value) is type(theirs.value), f"{ours.value!r}: nn.RNN raises {theirs.value!r}"
+
+
 @pytest.mark.parametrize(
-    "make_call,error,message",
+    "make_call,message",
     [
-        (lambda m: m(torch.randn(2, 3, 4, 5)), ValueError, "input must be 3-D"),
-        (lambda m: m(torch.randn(5, 2, 7)), ValueError, "input_size=4"),
-        (lambda m: m(torch.randn(5, 2, 4), torch.randn(1, 3, 6)), ValueError, r"hx must have shape \(2, 2, 6\)"),
-        (lambda m: m(torch.randn(5, 2, 4, dtype=torch.float64)), TypeError, "input has dtype torch.float64"),
-        (lambda m: m(torch.randn(5, 2, 4, device="meta")), ValueError, "input is on meta"),
-        (lambda m: m(torch.randn(5, 2, 4), torch.randn(2, 2, 6, device="meta")), ValueError, "hx is on meta"),
-        (lambda m: m(torch.randn(5, 2, 4), torch.randn(2, 2, 6, dtype=torch.float64)), TypeError, "hx has dtype"),
-        (lambda m: m(torch.ones(5, 2, 4, dtype=torch.long)), TypeError, "input must be a floating-point tensor"),
-        (lambda m: m(torch.randn(0, 2, 4)), ValueError, "input has no time steps"),
-        (lambda m: m("not a tensor"), TypeError, "input must be a Tensor"),
+        (lambda m: m("not a tensor"), "input must be a Tensor, got str"),
+        (lambda m: m(None), "input must be a Tensor, got NoneType"),
+        (lambda m: m(torch.randn(5, 2, 4), [0.0]), "hx must be a Tensor or None, got list"),
     ],
 )
-def test_bad_input_names_the_argument(make_call, error, message):
-    m = RNN(4, 6, num_layers=2)
-    with pytest.raises(error, match=message):
-        make_call(m)
+def test_not_a_tensor_is_a_type_error(make_call, message):
+    """nn.RNN raises AttributeError here (it calls .dim() on whatever it got); a TypeError
+    that names the argument says what is wrong."""
+    with pytest.raises(TypeError, match=message):
+        make_call(RNN(4, 6, num_layers=2))
 
 
 @pytest.mark.parametrize(
