@@ -225,3 +225,9 @@ class RNN(nn.Module):
         if self.batch_first:
             x = x.transpose(0, 1)
         return x, h_n
+
+
+# A model holding our layer then loads under torch.load's default weights_only=True as one
+# holding nn.RNN does (word_language_model saves whole models): unpickling an RNN only sets
+# its attributes and parameters (nn.Module.__setstate__), no code of the file runs.
+torch.serialization.add_safe_globals([RNN])

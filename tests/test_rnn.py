@@ -360,3 +360,57 @@ def test_falls_back_to_the_reference_with_a_warning_when_the_extension_is_missin
         "print('ok')\n"
     )
     assert run_python(code).strip() == "ok"
+
+
+CLIENT_MODEL = '''
+from torch import nn
+import rnnlm_ext
+
+
+class RNNModel(nn.Module):
+    """word_language_model's container with rnnlm_ext.RNN in place of nn.RNN."""
+
+    def __init__(self, ntoken, ninp, nhid, nlayers):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = rnnlm_ext.RNN(ninp, nhid, nlayers, nonlinearity="relu", dropout=0.2, bidirectional=True)
+        self.decoder = nn.Linear(2 * nhid, ntoken)
+
+    def forward(self, tokens, hidden=None):
+        output, hidden = self.rnn(self.drop(self.encoder(tokens)), hidden)
+        return self.decoder(self.drop(output)), hidden
+'''
+
+
+@pytest.mark.slow
+def test_whole_model_saves_and_loads_as_word_language_model_does(tmp_path):
+    """pytorch/examples' word_language_model saves the whole model (torch.save(model, f)) and
+    loads it in its own torch.load(f), weights_only=True by default, having allowlisted its
+    own classes and torch.nn's: a model holding rnnlm_ext.RNN must load there, in a fresh
+    process, and give the same outputs."""
+    (tmp_path / "model.py").write_text(CLIENT_MODEL)
+    saved, expected = tmp_path / "model.pt", tmp_path / "expected.pt"
+    run_python(
+        f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); import model\n"
+        "torch.manual_seed(0)\n"
+        "m = model.RNNModel(50, 8, 12, 2).eval()\n"
+        "tokens = torch.randint(0, 50, (7, 3))\n"
+        f"with open({str(saved)!r}, 'wb') as f:\n"
+        "    torch.save(m, f)\n"
+        f"torch.save((tokens, *m(tokens)), {str(expected)!r})\n"
+    )
+    out = run_python(
+        f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); import model\n"
+        "from torch import nn\n"
+        "torch.serialization.add_safe_globals([model.RNNModel, nn.Dropout, nn.Embedding, nn.Linear])\n"
+        f"with open({str(saved)!r}, 'rb') as f:\n"
+        "    m = torch.load(f)\n"
+        "m.rnn.flatten_parameters()\n"
+        f"tokens, logits, hidden = torch.load({str(expected)!r})\n"
+        "assert type(m.rnn).__module__ == 'rnnlm_ext.rnn' and not m.training\n"
+        "new_logits, new_hidden = m(tokens)\n"
+        "assert torch.equal(new_logits, logits) and torch.equal(new_hidden, hidden)\n"
+        "print('ok')\n"
+    )
+    assert out.strip() == "ok"
