@@ -487,3 +487,62 @@ def test_fuzzed_parity_with_torch_nn_rnn(num_threads):
     elapsed = time.perf_counter() - start
     assert not failures, f"{len(failures)} tensors differ in {CASES} cases ({elapsed:.0f} s):\n" + "\n".join(failures[:20])
 
+
+def draw_accuracy_case(rng):
+    """A float32 accuracy case: small sizes, H=1 often (one unit cannot average its error
+    away), and a scale applied to the weights, x and h0: 1 keeps pre-activations of order 1,
+    4 and 16 saturate tanh (1 - y² rounds to 0 in float32) and make relu's values large."""
+    return dict(
+        T=rng.randint(1, 20), B=rng.randint(1, 8), I=rng.randint(1, 16),
+        H=rng.choice([1, 1, 2, 3, rng.randint(4, 40)]),
+        num_layers=rng.randint(1, 2),
+        nonlinearity=rng.choice(["tanh", "relu"]),
+        bias=rng.random() < 0.5,
+        bidirectional=rng.random() < 0.5,
+        with_h0=rng.random() < 0.5,
+        scale=rng.choice([1.0, 4.0, 16.0]),
+    )
+
+
+def test_float32_as_accurate_as_torch_nn_rnn():
+    """Ours in float32 is no further from the float64 answer than nn.RNN in float32, within
+    2x: the tolerance is PyTorch's own error on the same inputs, as flash-attention's tests
+    set theirs. A case's error is the RMS over its outputs and gradients of each one's
+    relative error ‖result - exact‖ / ‖exact‖: one number per case, because a single
+    nn.RNN error of a one-element gradient (H = 1) can be lucky by any factor. The floor,
+    2^-24, is half a float32 ulp: the error of merely storing the exact answer in float32."""
+    SEED, CASES = 20261204, 300
+    failures = []
+    for index in range(CASES):
+        case = draw_accuracy_case(random.Random(SEED + index))
+        torch.manual_seed(SEED + index)
+        kwargs = {k: case[k] for k in ("num_layers", "nonlinearity", "bias", "bidirectional")}
+        ours, exact_rnn = make_pair(case["I"], case["H"], **kwargs)
+        with torch.no_grad():
+            for p in exact_rnn.parameters():
+                p.mul_(case["scale"])
+        ours.load_state_dict(exact_rnn.state_dict())
+        ours.float()
+        theirs = nn.RNN(case["I"], case["H"], **kwargs)
+        theirs.load_state_dict(exact_rnn.state_dict())
+        g = torch.Generator().manual_seed(SEED + index)
+        x = torch.randn(case["T"], case["B"], case["I"], generator=g, dtype=torch.float64) * case["scale"]
+        L = case["num_layers"] * ours.num_directions
+        h0 = torch.randn(L, case["B"], case["H"], generator=g, dtype=torch.float64).tanh() if case["with_h0"] else None
+        exact = run(exact_rnn, x, h0)
+        x32, h32 = x.float(), None if h0 is None else h0.float()
+        mine, pytorch = run(ours, x32, h32), run(theirs, x32, h32)
+
+        def relative_errors(result):
+            return torch.stack([(result[n].double() - e).norm() / e.norm().clamp_min(1e-300) for n, e in exact.items()]).detach()
+
+        my_errors, their_errors = relative_errors(mine), relative_errors(pytorch)
+        my_error, their_error = my_errors.square().mean().sqrt().item(), their_errors.square().mean().sqrt().item()
+        if my_error > 2 * their_error + 2.0**-24:
+            worst = (my_errors / their_errors.clamp_min(2.0**-24)).argmax().item()
+            name = list(exact)[worst]
+            failures.append(
+                f"case {index} {case}: ours {my_error:.2e}, nn.RNN {their_error:.2e} "
+                f"({my_error / their_error:.1f}x); worst {name}: {my_errors[worst]:.2e} vs {their_errors[worst]:.2e}"
+            )
+    assert not failures, f"{len(failures)} of {CASES} cases:\n" + "\n".join(failures)
