@@ -232,12 +232,12 @@ def test_torch_compile_fullgraph_equals_eager(device):
 
 def _module(batch_first=False, **weights):
     """A builder of RNN(4, 6, num_layers=2) for nn.RNN and for ours, with `weights` (name:
-    shape) replaced by new parameters of that shape, as a user could set them."""
+    shape, or a tensor) replaced by new parameters, as a user could set them."""
 
     def make(cls):
         m = cls(4, 6, num_layers=2, batch_first=batch_first)
-        for name, shape in weights.items():
-            setattr(m, name, nn.Parameter(torch.randn(shape)))
+        for name, value in weights.items():
+            setattr(m, name, nn.Parameter(value if isinstance(value, torch.Tensor) else torch.randn(value)))
         return m
 
     return make
@@ -267,6 +267,8 @@ BAD_INPUTS = [
     _case(lambda m: m(X), r"weight_ih_l0 must have shape \(6, 4\), got \(6, 5\)", "weight_ih_l0", weight_ih_l0=(6, 5)),
     _case(lambda m: m(X), r"weight_ih_l1 must have shape \(6, 6\), got \(6, 4\)", "weight_ih_l1", weight_ih_l1=(6, 4)),
     _case(lambda m: m(X), r"bias_hh_l1 must have shape \(6,\), got \(5,\)", "bias_hh_l1", bias_hh_l1=(5,)),
+    _case(lambda m: m(X), "weight_hh_l1 has dtype torch.float64", "weight dtype", weight_hh_l1=torch.randn(6, 6).double()),
+    _case(lambda m: m(X), "weight_hh_l1 is on meta", "weight device", weight_hh_l1=torch.randn(6, 6, device="meta")),
     # batch_first: the shapes the user passed, [B,T,I], not the [T,B,I] the layers see
     _case(lambda m: m(torch.randn(3, 5, 7)), r"got shape \(3, 5, 7\)", "batch_first input_size", batch_first=True),
     _case(lambda m: m(X_BF[:, :0]), r"no time steps \(shape \(3, 0, 4\)\)", "batch_first T=0", batch_first=True),
