@@ -184,17 +184,16 @@ class RNN(nn.Module):
         """Parameters a user replaced keep the shapes, dtype and device the layers need
         (else the op would name its own arguments, w_ih or w_hh, not the parameter)."""
         H, D = self.hidden_size, self.num_directions
+        square, bias, dtype, device = (H, H), (H,), input.dtype, input.device
         for idx, names in enumerate(self._weight_names):
-            layer_in = self.input_size if idx < D else H * D
-            shapes = {"weight_ih": (H, layer_in), "weight_hh": (H, H), "bias_ih": (H,), "bias_hh": (H,)}
-            for name in names:
-                p = getattr(self, name)
-                expected = shapes[name.split("_l")[0]]
-                if tuple(p.shape) != expected:
-                    raise RuntimeError(f"{name} must have shape {expected}, got {tuple(p.shape)}")
-                if p.dtype != input.dtype:
-                    raise RuntimeError(f"{name} has dtype {p.dtype} but input has {input.dtype}")
-                if p.device != input.device:
+            shapes = ((H, self.input_size if idx < D else H * D), square, bias, bias)  # weight_ih, weight_hh, biases
+            for name, expected in zip(names, shapes):
+                p = self._parameters[name]
+                if p.shape != expected or p.dtype is not dtype or p.device != device:
+                    if p.shape != expected:
+                        raise RuntimeError(f"{name} must have shape {expected}, got {tuple(p.shape)}")
+                    if p.dtype != input.dtype:
+                        raise RuntimeError(f"{name} has dtype {p.dtype} but input has {input.dtype}")
                     raise RuntimeError(f"{name} is on {p.device} but input is on {input.device}")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
