@@ -123,7 +123,7 @@ def test_resume_refuses_changed_settings_and_a_changed_data_set(tmp_path):
 def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
     run = str(tmp_path / "run")
     train(TrainConfig(**SMALL, save=run, stop_after=3), log=quiet)
-    good = torch.load(os.path.join(run, CHECKPOINT), weights_only=False)
+    good = torch.load(os.path.join(run, CHECKPOINT), weights_only=True)
     for name, change, message in [
         ("weights", lambda c: c["config"].update(hidden_size=32), "the weights in .* do not fit the model"),
         ("no_vocab", lambda c: c.pop("vocab"), "is not a checkpoint of `rnnlm train --save` .*lacks vocab"),

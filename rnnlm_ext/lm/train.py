@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -218,15 +220,29 @@ def _atomic_save(obj, folder: str) -> None:
     _atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(obj, f))
 
 
+def _safe_load(path: str, name: str):
+    """torch.load that only rebuilds tensors, numbers, strings and containers: unpickling
+    anything else could call any function the file names, so such a file is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"WeightsUnpickler error: (.+?)(?: Please use|\n|$)", str(err))
+        if refused is None:
+            raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
+        raise SettingError(
+            f"{name}: {path!r} holds more than tensors, numbers, strings and containers ({refused.group(1)}); "
+            "loading that could run code from the file, so it is refused (`rnnlm train --save` writes nothing "
+            "else: use files from a source you trust).", name) from None
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
+
+
 def load_checkpoint(folder: str, name: str = "folder") -> dict:
     """Read folder/checkpoint.pt; an error names the setting `name` and the folder when it is missing or unreadable."""
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no {CHECKPOINT} in {folder!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
+    ckpt = _safe_load(path, name)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
         raise SettingError(f"{name}: {path!r} is not a checkpoint of `rnnlm train --save` "
