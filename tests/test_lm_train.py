@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rnnlm_ext.lm import data
-from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_write,
-                                 _perplexity, load_checkpoint, train)
+from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_save,
+                                 _atomic_write, _perplexity, load_checkpoint, train)
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
 SMALL = dict(hidden_size=16, layers=2, dropout=0.2, epochs=2, progress=False)
@@ -123,7 +123,8 @@ def test_resume_refuses_changed_settings_and_a_changed_data_set(tmp_path):
 def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
     run = str(tmp_path / "run")
     train(TrainConfig(**SMALL, save=run, stop_after=3), log=quiet)
-    good = torch.load(os.path.join(run, CHECKPOINT), weights_only=True)
+    good = load_checkpoint(run)
+    del good["path"]
     for name, change, message in [
         ("weights", lambda c: c["config"].update(hidden_size=32), "the weights in .* do not fit the model"),
         ("no_vocab", lambda c: c.pop("vocab"), "is not a checkpoint of `rnnlm train --save` .*lacks vocab"),
@@ -132,8 +133,7 @@ def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
     ]:
         ckpt = {**good, "config": dict(good["config"])}
         change(ckpt)
-        (tmp_path / name).mkdir()
-        torch.save(ckpt, tmp_path / name / CHECKPOINT)
+        _atomic_save(ckpt, str(tmp_path / name))
         with pytest.raises(ValueError, match=message):
             train(TrainConfig(resume=str(tmp_path / name), progress=False), log=quiet)
 

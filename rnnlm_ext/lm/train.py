@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import random
 import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -28,11 +30,12 @@ from torch import Tensor, nn
 
 from rnnlm_ext._files import check_writable
 from rnnlm_ext.lm import data, models
-from rnnlm_ext.lm.errors import SettingError, TrainingError
+from rnnlm_ext.lm.errors import CheckpointWarning, SettingError, TrainingError
 from rnnlm_ext.reference import NONLINEARITIES
 from rnnlm_ext.rnn import RNN
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "rnnlm_ext checkpoint 2"  # the payload and its SHA-256
 RNN_CLASSES = {"fused": RNN, "torch": nn.RNN}
 
 
@@ -215,16 +218,25 @@ def _atomic_write(path: str, write: Callable) -> None:
 
 
 def _atomic_save(obj, folder: str) -> None:
-    """DIR/checkpoint.pt, atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """DIR/checkpoint.pt, atomically: a crash mid-save leaves the previous checkpoint intact.
+
+    The file holds the serialised payload with its SHA-256 ({'format', 'sha256', 'payload'}),
+    so that a damaged file is refused on loading instead of loading half right.
+    """
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    sealed = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+              "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}  # uint8: no byte order to damage
+    _atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(sealed, f))
 
 
-def _safe_load(path: str, name: str):
+def _safe_load(source, path: str, name: str):
     """torch.load that only rebuilds tensors, numbers, strings and containers: unpickling
     anything else could call any function the file names, so such a file is refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"WeightsUnpickler error: (.+?)(?: Please use|\n|$)", str(err))
         if refused is None:
@@ -237,12 +249,47 @@ def _safe_load(path: str, name: str):
         raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
 
 
+def _unseal(sealed, path: str, name: str):
+    """The payload of a checkpoint written by _atomic_save, once its SHA-256 matches; an older
+    checkpoint (the payload itself, without a checksum) is returned as it is, with a warning."""
+    if not (isinstance(sealed, dict) and "format" in sealed):
+        warnings.warn(CheckpointWarning(
+            f"{name}: {path!r} has no checksum (an older rnnlm_ext wrote it), so it cannot be checked for damage; "
+            "it is used as it is (its tensors must still be finite), and the next save adds a checksum.", name),
+            stacklevel=3)
+        return sealed
+    payload, digest = sealed.get("payload"), sealed.get("sha256")
+    if sealed["format"] != CHECKPOINT_FORMAT or not isinstance(payload, Tensor) or payload.dtype != torch.uint8:
+        raise SettingError(f"{name}: {path!r} is not a checkpoint of this version of rnnlm train "
+                           f"(format {sealed['format']!r}, expected {CHECKPOINT_FORMAT!r})", name)
+    raw = payload.numpy().tobytes()
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise SettingError(f"{name}: {path!r} is damaged: its contents do not match the SHA-256 saved with them "
+                           "(a disk or copy error, or an edit), so none of it is used", name)
+    return _safe_load(io.BytesIO(raw), path, name)
+
+
+def _non_finite(obj, where: str = "") -> Optional[str]:
+    """Where obj (nested dicts, lists and tuples) holds a floating tensor with a NaN or an inf, e.g.
+    "optimizer['state'][0]['exp_avg_sq'] (nan)"; None when it holds none."""
+    if isinstance(obj, Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not torch.isfinite(obj).all():
+            return f"{where} ({'nan' if torch.isnan(obj).any() else 'inf'})"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}[{key!r}]" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def load_checkpoint(folder: str, name: str = "folder") -> dict:
     """Read folder/checkpoint.pt; an error names the setting `name` and the folder when it is missing or unreadable."""
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no {CHECKPOINT} in {folder!r}")
-    ckpt = _safe_load(path, name)
+    ckpt = _unseal(_safe_load(path, path, name), path, name)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
         raise SettingError(f"{name}: {path!r} is not a checkpoint of `rnnlm train --save` "
@@ -251,6 +298,10 @@ def load_checkpoint(folder: str, name: str = "folder") -> dict:
     if not isinstance(config, dict) or set(config) != set(RUN_FIELDS):
         raise SettingError(f"{name}: the settings stored in {path!r} are not those of this "
                            f"version of rnnlm train (expected {', '.join(RUN_FIELDS)})", name)
+    bad = _non_finite(ckpt)
+    if bad:
+        raise SettingError(f"{name}: {path!r} holds non-finite values in {bad}: resuming or sampling from them "
+                           "would carry them into every step, so it is not used", name)
     ckpt["path"] = path
     return ckpt
 
