@@ -169,3 +169,20 @@ def test_a_checkpoint_without_a_checksum_loads_with_a_warning_and_is_checked_for
     torch.save(ckpt, saved / CHECKPOINT)
     with pytest.warns(CheckpointWarning), pytest.raises(SettingError, match=r"non-finite .*model\['"):
         load_checkpoint(str(saved))
+
+
+def test_resuming_a_finished_run_says_it_is_complete_trains_nothing_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--hidden", "8", "--layers", "1", "--epochs", "1", "--no-progress", "--save", str(run)]) == 0
+    finished = capsys.readouterr().out.splitlines()[-1]  # "final: valid_loss ..."
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
+    folder = run.stat().st_mtime_ns
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^the run in .*/run is already complete \(1 of 1 epochs\)", out), out
+    assert "resumed" not in out and out.splitlines()[-1] == finished  # its final figures, not new ones
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()} == files
+    assert run.stat().st_mtime_ns == folder
+    lines = []
+    result = train(TrainConfig(resume=str(run), progress=False), log=lines.append)
+    assert result["complete"] and len(result["epochs"]) == 1 and len(lines) == 1, lines

@@ -450,6 +450,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], explicit: Sequence[str]
     ckpt = None
     if cfg.resume:
         cfg, ckpt = _resume_settings(cfg, explicit, world)
+        if ckpt["epoch"] >= cfg.epochs:
+            return _already_complete(cfg, ckpt, world, log if rank == 0 else (lambda _: None))
     _check(cfg)
     seed_everything(cfg.seed)
     run_data = _load_data(cfg, ckpt, rank, world)
@@ -691,12 +693,7 @@ def _summary(run: _Run, stopped: Optional[int], signum: Optional[int]) -> dict:
     cfg, history = run.cfg, run.history
     result = {"config": dataclasses.asdict(cfg), "world_size": run.world, "epochs": history}
     if history:
-        last = history[-1]
-        result["final"] = {
-            "valid_loss": last["valid_loss"], "valid_accuracy": last["valid_accuracy"],
-            "perplexity": last["perplexity"],
-            "tokens_per_s": sum(e["train_tokens"] for e in history) / sum(e["train_time"] for e in history),
-        }
+        result["final"] = _final(history)
     if stopped is not None:
         result["stopped_at_step"] = stopped
         if signum is not None:
@@ -705,6 +702,24 @@ def _summary(run: _Run, stopped: Optional[int], signum: Optional[int]) -> dict:
     if cfg.json and run.rank == 0:
         _atomic_write(cfg.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
+
+
+def _final(history: List[dict]) -> dict:
+    """The last epoch's validation figures and the training throughput over all epochs."""
+    last = history[-1]
+    return {
+        "valid_loss": last["valid_loss"], "valid_accuracy": last["valid_accuracy"], "perplexity": last["perplexity"],
+        "tokens_per_s": sum(e["train_tokens"] for e in history) / sum(e["train_time"] for e in history),
+    }
+
+
+def _already_complete(cfg: TrainConfig, ckpt: dict, world: int, log: Callable[[str], None]) -> dict:
+    """The result of resuming a run that has trained all its epochs: nothing is trained, no file written."""
+    log(f"the run in {cfg.resume} is already complete ({ckpt['epoch']} of {cfg.epochs} epochs): "
+        "nothing to train, no file written")
+    history = ckpt["history"]
+    return {"config": dataclasses.asdict(cfg), "world_size": world, "epochs": history, "final": _final(history),
+            "complete": True}
 
 
 def _perplexity(loss: float) -> float:
