@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
+from rnnlm_ext._files import atomic_write
 from rnnlm_ext.lm import data
 from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_save,
-                                 _atomic_write, _perplexity, load_checkpoint, train)
+                                 _perplexity, load_checkpoint, train)
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
 SMALL = dict(hidden_size=16, layers=2, dropout=0.2, epochs=2, progress=False)
@@ -152,7 +153,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_write(str(path), fail)
+        atomic_write(str(path), fail)
     assert path.read_text() == "previous" and not (tmp_path / "r.json.tmp").exists()
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm_ext._files import check_writable
+from rnnlm_ext._files import atomic_write, check_writable
 from rnnlm_ext.lm import data, models
 from rnnlm_ext.lm.errors import CheckpointWarning, SettingError, TrainingError
 from rnnlm_ext.reference import NONLINEARITIES
@@ -47,7 +47,8 @@ def _setting(default, help: str, **cli):
 
 @dataclass
 class TrainConfig:
-    dataset: str = _setting("human-numbers", "'human-numbers', or a text file or folder of .txt files")
+    dataset: str = _setting("human-numbers", "'human-numbers', 'tiny-shakespeare' (downloaded once into "
+                            "$RNNLM_EXT_DATA, else ~/.cache/rnnlm_ext), or a text file or folder of .txt files")
     level: str = _setting("word", "tokens: words or characters", choices=["word", "char"])
     min_freq: int = _setting(1, "rarer tokens become <unk> (text data sets; human-numbers keeps its whole vocabulary)")
     max_vocab: Optional[int] = _setting(
@@ -196,27 +197,6 @@ def _check_in_sync(model: nn.Module) -> None:
         raise TrainingError("the processes' weights differ: distributed training is out of sync")
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    """write(file) to a temporary file beside `path`, then rename it over `path`: a crash or
-    an error mid-write leaves the previous file intact and no temporary behind."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself reaches the disk
-    finally:
-        os.close(folder)
-
-
 def _atomic_save(obj, folder: str) -> None:
     """DIR/checkpoint.pt, atomically: a crash mid-save leaves the previous checkpoint intact.
 
@@ -229,7 +209,7 @@ def _atomic_save(obj, folder: str) -> None:
     payload = buffer.getvalue()
     sealed = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}  # uint8: no byte order to damage
-    _atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(sealed, f))
+    atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(sealed, f))
 
 
 def _safe_load(source, path: str, name: str):
@@ -700,7 +680,7 @@ def _summary(run: _Run, stopped: Optional[int], signum: Optional[int]) -> dict:
             result["signal"] = signum  # the command exits 128 + signum, as the shell's convention
         run.log(f"stopped after step {stopped}" + (f"; continue with --resume {cfg.save}" if cfg.save else ""))
     if cfg.json and run.rank == 0:
-        _atomic_write(cfg.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        atomic_write(cfg.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
 
