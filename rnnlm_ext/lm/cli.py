@@ -72,7 +72,7 @@ def _in_flags(err: Exception, flags: Dict[str, str]) -> str:
     return message
 
 
-def _show_warning(command: str, flags: Dict[str, str], default):
+def _show_warning(command: str, flags: dict[str, str], default):
     """warnings.showwarning that writes a CheckpointWarning as the command's own line, with flags for names."""
 
     def show(message, category, filename, lineno, file=None, line=None):

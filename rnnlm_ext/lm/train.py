@@ -249,7 +249,7 @@ def _unseal(sealed, path: str, name: str):
     return _safe_load(io.BytesIO(raw), path, name)
 
 
-def _non_finite(obj, where: str = "") -> Optional[str]:
+def _non_finite(obj, where: str = "") -> str | None:
     """Where obj (nested dicts, lists and tuples) holds a floating tensor with a NaN or an inf, e.g.
     "optimizer['state'][0]['exp_avg_sq'] (nan)"; None when it holds none."""
     if isinstance(obj, Tensor):
@@ -684,7 +684,7 @@ def _summary(run: _Run, stopped: Optional[int], signum: Optional[int]) -> dict:
     return result
 
 
-def _final(history: List[dict]) -> dict:
+def _final(history: list[dict]) -> dict:
     """The last epoch's validation figures and the training throughput over all epochs."""
     last = history[-1]
     return {
