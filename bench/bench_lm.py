@@ -5,6 +5,7 @@ tiny-shakespeare at character level with both layers.
 Prints markdown tables; writes OUT/bench_lm.json and the loss-curve plots OUT/*.png.
     python bench/bench_lm.py                     # everything
     python bench/bench_lm.py --sections throughput --repeats 7
+    RNNLM_EXT_DATA=../shared/data python bench/bench_lm.py   # tiny-shakespeare from that copy, no download
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from rnnlm_ext.lm import data, models
 from rnnlm_ext.lm.train import TrainConfig, make_optimizer, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 # fastbook chapter 12: hidden 64, bs 64, fit_one_cycle; valid accuracy of the last epoch in the book
 FASTBOOK = [
@@ -156,12 +156,10 @@ def run_throughput(results: dict, repeats: int) -> None:
               f"| {r['fused_over_torch']:.2f}x | {r['fused_over_reference']:.2f}x |")
 
 
-def run_shakespeare(results: dict, path: str, epochs: int, out_dir: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--shakespeare: no such file {path!r}")
+def run_shakespeare(results: dict, dataset: str, epochs: int, out_dir: str) -> None:
     runs = {}
     for impl in ("fused", "torch"):
-        cfg = TrainConfig(dataset=path, level="char", rnn=impl, hidden_size=256, layers=2, bptt=64, bs=64,
+        cfg = TrainConfig(dataset=dataset, level="char", rnn=impl, hidden_size=256, layers=2, bptt=64, bs=64,
                           epochs=epochs, lr=3e-3, dropout=0.1, progress=False)
         t0 = time.perf_counter()
         r = train(cfg, log=quiet)
@@ -211,7 +209,9 @@ def main(argv=None) -> None:
     p.add_argument("--sections", default="fastbook,throughput,shakespeare",
                    help="comma-separated: fastbook, throughput, shakespeare")
     p.add_argument("--repeats", type=int, default=5, help="timed training epochs per layer (throughput)")
-    p.add_argument("--shakespeare", default=SHAKESPEARE, help="tiny-shakespeare text file")
+    p.add_argument("--shakespeare", default="tiny-shakespeare",
+                   help="the data set of the char-level section: tiny-shakespeare (from $RNNLM_EXT_DATA, else "
+                        "~/.cache/rnnlm_ext, downloaded there once), or a text file")
     p.add_argument("--shakespeare-epochs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the JSON and PNG files")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -225,6 +225,11 @@ def main(argv=None) -> None:
     unknown = set(sections) - {"fastbook", "throughput", "shakespeare"}
     if unknown:
         p.error(f"--sections: unknown {', '.join(sorted(unknown))}")
+    if "shakespeare" in sections:
+        try:  # fetched, or refused, now rather than after the other sections
+            data.load_corpus(args.shakespeare, "char")
+        except (ValueError, FileNotFoundError) as err:
+            p.error(f"--shakespeare: {err}")
     if "fastbook" in sections:
         print("fastbook chapter 12 on Human Numbers, side by side")
         run_fastbook(results)

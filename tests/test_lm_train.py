@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from rnnlm_ext._files import atomic_write
 from rnnlm_ext.lm import data
-from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_write,
+from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_save,
                                  _perplexity, load_checkpoint, train)
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
@@ -123,7 +124,8 @@ def test_resume_refuses_changed_settings_and_a_changed_data_set(tmp_path):
 def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
     run = str(tmp_path / "run")
     train(TrainConfig(**SMALL, save=run, stop_after=3), log=quiet)
-    good = torch.load(os.path.join(run, CHECKPOINT), weights_only=False)
+    good = load_checkpoint(run)
+    del good["path"]
     for name, change, message in [
         ("weights", lambda c: c["config"].update(hidden_size=32), "the weights in .* do not fit the model"),
         ("no_vocab", lambda c: c.pop("vocab"), "is not a checkpoint of `rnnlm train --save` .*lacks vocab"),
@@ -132,8 +134,7 @@ def test_checkpoints_that_do_not_fit_are_reported(tmp_path):
     ]:
         ckpt = {**good, "config": dict(good["config"])}
         change(ckpt)
-        (tmp_path / name).mkdir()
-        torch.save(ckpt, tmp_path / name / CHECKPOINT)
+        _atomic_save(ckpt, str(tmp_path / name))
         with pytest.raises(ValueError, match=message):
             train(TrainConfig(resume=str(tmp_path / name), progress=False), log=quiet)
 
@@ -152,7 +153,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_write(str(path), fail)
+        atomic_write(str(path), fail)
     assert path.read_text() == "previous" and not (tmp_path / "r.json.tmp").exists()
 
 

@@ -7,10 +7,11 @@ import os
 import re
 import sys
 import typing
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 from rnnlm_ext import benchmark
-from rnnlm_ext.lm.errors import TrainingError
+from rnnlm_ext.lm.errors import CheckpointWarning, TrainingError
 from rnnlm_ext.lm.generate import generate
 from rnnlm_ext.lm.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
 
@@ -71,6 +72,18 @@ def _in_flags(err: Exception, flags: Dict[str, str]) -> str:
     return message
 
 
+def _show_warning(command: str, flags: dict[str, str], default):
+    """warnings.showwarning that writes a CheckpointWarning as the command's own line, with flags for names."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointWarning):
+            print(f"rnnlm {command}: warning: {_in_flags(message, flags)}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__.split(":")[0])
@@ -88,21 +101,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         benchmark.run(args, bench_parser.error)
         return 0
     flags = train_flags if command == "train" else generate_flags
-    try:
-        if command == "train":
-            result = train(TrainConfig(**vars(args)), explicit=_fields_on_command_line(train_flags, argv[1:]))
-            if "signal" in result:
-                return 128 + result["signal"]  # stopped by Ctrl-C or SIGTERM, checkpointed with --save
-            if "final" in result and "stopped_at_step" not in result and os.environ.get("RANK", "0") == "0":
-                f = result["final"]
-                print(f"final: valid_loss {f['valid_loss']:.4f}  valid_accuracy {f['valid_accuracy']:.4f}  "
-                      f"perplexity {f['perplexity']:.3f}  tokens/s {f['tokens_per_s']:.0f}")
-        else:
-            model, vocab, cfg = model_from_checkpoint(load_checkpoint(args.checkpoint, "checkpoint"))
-            print(generate(model, vocab, cfg.level, args.prompt, args.n_tokens, args.temperature, args.seed))
-    except (ValueError, FileNotFoundError, KeyError, TrainingError) as err:
-        print(f"rnnlm {command}: error: {_in_flags(err, flags)}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CheckpointWarning)
+        warnings.showwarning = _show_warning(command, flags, warnings.showwarning)
+        try:
+            if command == "train":
+                result = train(TrainConfig(**vars(args)), explicit=_fields_on_command_line(train_flags, argv[1:]))
+                if "signal" in result:
+                    return 128 + result["signal"]  # stopped by Ctrl-C or SIGTERM, checkpointed with --save
+                if "final" in result and "stopped_at_step" not in result and os.environ.get("RANK", "0") == "0":
+                    f = result["final"]
+                    print(f"final: valid_loss {f['valid_loss']:.4f}  valid_accuracy {f['valid_accuracy']:.4f}  "
+                          f"perplexity {f['perplexity']:.3f}  tokens/s {f['tokens_per_s']:.0f}")
+            else:
+                model, vocab, cfg = model_from_checkpoint(load_checkpoint(args.checkpoint, "checkpoint"))
+                print(generate(model, vocab, cfg.level, args.prompt, args.n_tokens, args.temperature, args.seed))
+        except (ValueError, FileNotFoundError, KeyError, TrainingError) as err:
+            print(f"rnnlm {command}: error: {_in_flags(err, flags)}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -1,17 +1,21 @@
-"""Data: the Human Numbers generator, text corpora -> one token stream, vocabulary, in-order batching.
+"""Data: the Human Numbers generator, tiny-shakespeare by name, text corpora -> one token stream, vocabulary,
+in-order batching.
 
 Dimension letters: N tokens in a stream, B rows (the batch size), L tokens per row, T = bptt.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from rnnlm_ext._files import atomic_write
 from rnnlm_ext.lm.errors import SettingError
 
 UNK = "<unk>"
@@ -53,6 +57,56 @@ def human_numbers() -> List[str]:
 def human_numbers_tokens() -> List[str]:
     """Fastbook's token stream: the lines joined with ' . ', split on spaces."""
     return " . ".join(human_numbers()).split(" ")
+
+
+# char-rnn's tiny-shakespeare (1,115,394 characters), where its author published it
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
+
+
+def data_folder() -> str:
+    """Where named data sets are kept: $RNNLM_EXT_DATA, else ~/.cache/rnnlm_ext."""
+    return os.environ.get("RNNLM_EXT_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "rnnlm_ext")
+
+
+def tiny_shakespeare() -> str:
+    """The path of tiny-shakespeare in data_folder(), downloaded there from char-rnn once if it is
+    missing. A copy whose SHA-256 is not the published file's is refused, downloaded or not."""
+    folder = data_folder()
+    path = os.path.join(folder, TINY_SHAKESPEARE_FILE)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != TINY_SHAKESPEARE_SHA256:
+            raise SettingError(
+                f"dataset: {path!r} is not char-rnn's tiny-shakespeare (SHA-256 {digest}, expected "
+                f"{TINY_SHAKESPEARE_SHA256}): delete it to download it again, or point RNNLM_EXT_DATA at a folder "
+                f"that holds the right {TINY_SHAKESPEARE_FILE}", "dataset")
+        return path
+    import urllib.request  # only here: importing the data module stays light
+
+    print(f"downloading tiny-shakespeare from {TINY_SHAKESPEARE_URL} to {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as response:
+            raw = response.read()
+    except OSError as err:  # URLError and timeouts are OSErrors
+        raise SettingError(
+            f"dataset: tiny-shakespeare is not in {folder!r} and could not be downloaded from "
+            f"{TINY_SHAKESPEARE_URL} ({err}); put that file there as {TINY_SHAKESPEARE_FILE}, or point "
+            "RNNLM_EXT_DATA at a folder that holds it", "dataset") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != TINY_SHAKESPEARE_SHA256:
+        raise SettingError(
+            f"dataset: the file downloaded from {TINY_SHAKESPEARE_URL} is not char-rnn's tiny-shakespeare "
+            f"(SHA-256 {digest}, expected {TINY_SHAKESPEARE_SHA256}); it was not kept", "dataset")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, lambda f: f.write(raw))
+    except OSError as err:
+        raise SettingError(f"dataset: cannot keep tiny-shakespeare in {folder!r} ({err.strerror}); point "
+                           "RNNLM_EXT_DATA at a folder that can take it", "dataset") from None
+    return path
 
 
 def tokenize(text: str, level: str) -> List[str]:
@@ -187,8 +241,11 @@ def _own_split(path: str) -> Optional[Tuple[str, str]]:
 def load_corpus(dataset: str = "human-numbers", level: str = "word", min_freq: int = 1,
                 max_size: Optional[int] = None, vocab: Optional[Vocab] = None,
                 valid_pct: float = 0.2) -> Corpus:
-    """'human-numbers' or a path -> Corpus. A given vocab (from a checkpoint) is reused as is."""
-    if dataset == "human-numbers":
+    """'human-numbers', 'tiny-shakespeare' (tiny_shakespeare()) or a path -> Corpus. A given vocab (from a
+    checkpoint) is reused as is."""
+    if dataset == "tiny-shakespeare":
+        dataset = tiny_shakespeare()
+    elif dataset == "human-numbers":
         if level != "word":
             raise SettingError("level: human-numbers is word level", "level")
         tokens = human_numbers_tokens()

@@ -20,3 +20,11 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, *names: str):
         super().__init__(message)
         self.names = names
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but cannot be fully checked (an older one, without a checksum)."""
+
+    def __init__(self, message: str, *names: str):
+        super().__init__(message)
+        self.names = names

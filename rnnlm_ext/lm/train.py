@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -24,13 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm_ext._files import check_writable
+from rnnlm_ext._files import atomic_write, check_writable
 from rnnlm_ext.lm import data, models
-from rnnlm_ext.lm.errors import SettingError, TrainingError
+from rnnlm_ext.lm.errors import CheckpointWarning, SettingError, TrainingError
 from rnnlm_ext.reference import NONLINEARITIES
 from rnnlm_ext.rnn import RNN
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "rnnlm_ext checkpoint 2"  # the payload and its SHA-256
 RNN_CLASSES = {"fused": RNN, "torch": nn.RNN}
 
 
@@ -42,7 +47,8 @@ def _setting(default, help: str, **cli):
 
 @dataclass
 class TrainConfig:
-    dataset: str = _setting("human-numbers", "'human-numbers', or a text file or folder of .txt files")
+    dataset: str = _setting("human-numbers", "'human-numbers', 'tiny-shakespeare' (downloaded once into "
+                            "$RNNLM_EXT_DATA, else ~/.cache/rnnlm_ext), or a text file or folder of .txt files")
     level: str = _setting("word", "tokens: words or characters", choices=["word", "char"])
     min_freq: int = _setting(1, "rarer tokens become <unk> (text data sets; human-numbers keeps its whole vocabulary)")
     max_vocab: Optional[int] = _setting(
@@ -191,31 +197,71 @@ def _check_in_sync(model: nn.Module) -> None:
         raise TrainingError("the processes' weights differ: distributed training is out of sync")
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    """write(file) to a temporary file beside `path`, then rename it over `path`: a crash or
-    an error mid-write leaves the previous file intact and no temporary behind."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself reaches the disk
-    finally:
-        os.close(folder)
-
-
 def _atomic_save(obj, folder: str) -> None:
-    """DIR/checkpoint.pt, atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """DIR/checkpoint.pt, atomically: a crash mid-save leaves the previous checkpoint intact.
+
+    The file holds the serialised payload with its SHA-256 ({'format', 'sha256', 'payload'}),
+    so that a damaged file is refused on loading instead of loading half right.
+    """
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    sealed = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+              "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}  # uint8: no byte order to damage
+    atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(sealed, f))
+
+
+def _safe_load(source, path: str, name: str):
+    """torch.load that only rebuilds tensors, numbers, strings and containers: unpickling
+    anything else could call any function the file names, so such a file is refused."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"WeightsUnpickler error: (.+?)(?: Please use|\n|$)", str(err))
+        if refused is None:
+            raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
+        raise SettingError(
+            f"{name}: {path!r} holds more than tensors, numbers, strings and containers ({refused.group(1)}); "
+            "loading that could run code from the file, so it is refused (`rnnlm train --save` writes nothing "
+            "else: use files from a source you trust).", name) from None
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
+
+
+def _unseal(sealed, path: str, name: str):
+    """The payload of a checkpoint written by _atomic_save, once its SHA-256 matches; an older
+    checkpoint (the payload itself, without a checksum) is returned as it is, with a warning."""
+    if not (isinstance(sealed, dict) and "format" in sealed):
+        warnings.warn(CheckpointWarning(
+            f"{name}: {path!r} has no checksum (an older rnnlm_ext wrote it), so it cannot be checked for damage; "
+            "it is used as it is (its tensors must still be finite), and the next save adds a checksum.", name),
+            stacklevel=3)
+        return sealed
+    payload, digest = sealed.get("payload"), sealed.get("sha256")
+    if sealed["format"] != CHECKPOINT_FORMAT or not isinstance(payload, Tensor) or payload.dtype != torch.uint8:
+        raise SettingError(f"{name}: {path!r} is not a checkpoint of this version of rnnlm train "
+                           f"(format {sealed['format']!r}, expected {CHECKPOINT_FORMAT!r})", name)
+    raw = payload.numpy().tobytes()
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise SettingError(f"{name}: {path!r} is damaged: its contents do not match the SHA-256 saved with them "
+                           "(a disk or copy error, or an edit), so none of it is used", name)
+    return _safe_load(io.BytesIO(raw), path, name)
+
+
+def _non_finite(obj, where: str = "") -> str | None:
+    """Where obj (nested dicts, lists and tuples) holds a floating tensor with a NaN or an inf, e.g.
+    "optimizer['state'][0]['exp_avg_sq'] (nan)"; None when it holds none."""
+    if isinstance(obj, Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not torch.isfinite(obj).all():
+            return f"{where} ({'nan' if torch.isnan(obj).any() else 'inf'})"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}[{key!r}]" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def load_checkpoint(folder: str, name: str = "folder") -> dict:
@@ -223,10 +269,7 @@ def load_checkpoint(folder: str, name: str = "folder") -> dict:
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no {CHECKPOINT} in {folder!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
+    ckpt = _unseal(_safe_load(path, path, name), path, name)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
         raise SettingError(f"{name}: {path!r} is not a checkpoint of `rnnlm train --save` "
@@ -235,6 +278,10 @@ def load_checkpoint(folder: str, name: str = "folder") -> dict:
     if not isinstance(config, dict) or set(config) != set(RUN_FIELDS):
         raise SettingError(f"{name}: the settings stored in {path!r} are not those of this "
                            f"version of rnnlm train (expected {', '.join(RUN_FIELDS)})", name)
+    bad = _non_finite(ckpt)
+    if bad:
+        raise SettingError(f"{name}: {path!r} holds non-finite values in {bad}: resuming or sampling from them "
+                           "would carry them into every step, so it is not used", name)
     ckpt["path"] = path
     return ckpt
 
@@ -383,6 +430,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], explicit: Sequence[str]
     ckpt = None
     if cfg.resume:
         cfg, ckpt = _resume_settings(cfg, explicit, world)
+        if ckpt["epoch"] >= cfg.epochs:
+            return _already_complete(cfg, ckpt, world, log if rank == 0 else (lambda _: None))
     _check(cfg)
     seed_everything(cfg.seed)
     run_data = _load_data(cfg, ckpt, rank, world)
@@ -624,20 +673,33 @@ def _summary(run: _Run, stopped: Optional[int], signum: Optional[int]) -> dict:
     cfg, history = run.cfg, run.history
     result = {"config": dataclasses.asdict(cfg), "world_size": run.world, "epochs": history}
     if history:
-        last = history[-1]
-        result["final"] = {
-            "valid_loss": last["valid_loss"], "valid_accuracy": last["valid_accuracy"],
-            "perplexity": last["perplexity"],
-            "tokens_per_s": sum(e["train_tokens"] for e in history) / sum(e["train_time"] for e in history),
-        }
+        result["final"] = _final(history)
     if stopped is not None:
         result["stopped_at_step"] = stopped
         if signum is not None:
             result["signal"] = signum  # the command exits 128 + signum, as the shell's convention
         run.log(f"stopped after step {stopped}" + (f"; continue with --resume {cfg.save}" if cfg.save else ""))
     if cfg.json and run.rank == 0:
-        _atomic_write(cfg.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        atomic_write(cfg.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
+
+
+def _final(history: list[dict]) -> dict:
+    """The last epoch's validation figures and the training throughput over all epochs."""
+    last = history[-1]
+    return {
+        "valid_loss": last["valid_loss"], "valid_accuracy": last["valid_accuracy"], "perplexity": last["perplexity"],
+        "tokens_per_s": sum(e["train_tokens"] for e in history) / sum(e["train_time"] for e in history),
+    }
+
+
+def _already_complete(cfg: TrainConfig, ckpt: dict, world: int, log: Callable[[str], None]) -> dict:
+    """The result of resuming a run that has trained all its epochs: nothing is trained, no file written."""
+    log(f"the run in {cfg.resume} is already complete ({ckpt['epoch']} of {cfg.epochs} epochs): "
+        "nothing to train, no file written")
+    history = ckpt["history"]
+    return {"config": dataclasses.asdict(cfg), "world_size": world, "epochs": history, "final": _final(history),
+            "complete": True}
 
 
 def _perplexity(loss: float) -> float:
