@@ -81,7 +81,7 @@ void rnn_forward_cpu(scalar_t* out, const scalar_t* x, const scalar_t* h0, const
     cpu::gemm<scalar_t>(false, true, (s1 - s0) * B, H, I, x + t0 * B * I, I, w_ih, I, 0,
                         out + t0 * BH, H);
   };
-  // this thread's step: h_prev[B,H]·w_hh[c0:c1]ᵀ with w_hh's rows c0…c1 packed once
+  // this block's step: h_prev[B,H]·w_hh[c0:c1]ᵀ with w_hh's rows c0…c1 packed once
   auto prepare = [&](cpu::StepGemm<scalar_t>& g, const cpu::Slice& slice) {
     g.prepare(true, B, slice.size(), H, w_hh + slice.c0 * H, H);
   };
@@ -104,11 +104,11 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
                       int64_t B, int64_t I, int64_t H, Activation act, bool reverse) {
   const int64_t BH = B * H;
   const StepOrder order{T, reverse};
-  // k counts the forward's steps in reverse order: loop step s = T-1-k. A thread that owns
-  // columns [c0,c1) of every dz_t finishes them (act'); once all columns of dz_t are
-  // finished, it writes its columns of the previous step's carry from all of dz_t.
+  // k counts the forward's steps in reverse order: loop step s = T-1-k. A column block
+  // [c0,c1) of every dz_t is finished (act'); once all columns of dz_t are finished, the
+  // block's columns of the previous step's carry are written from all of dz_t.
   auto prepare = [&](cpu::StepGemm<scalar_t>& g, const cpu::Slice& slice) {
-    // this thread's carry: dz_t[B,H]·w_hh[:, c0:c1], w_hh's columns c0…c1 packed once
+    // this block's carry: dz_t[B,H]·w_hh[:, c0:c1], w_hh's columns c0…c1 packed once
     g.prepare(false, B, slice.size(), H, w_hh + slice.c0, H);
   };
   auto finish_dz = [&](int64_t k, const cpu::Slice& slice) {
@@ -129,29 +129,32 @@ void rnn_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
       cpu::gemm<scalar_t>(false, false, B, H, H, dz + order.first_time() * BH, H, w_hh, H, 0, dh0,
                           H);
   };
-  // The weight and bias gradients of backward steps [k0,k1): loop steps [T-k1, T-k0), a run
-  // of consecutive time indices [ta,tb). Written when `write` (the first run), else added.
-  auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
+  // The weight and bias gradients of backward steps [k0,k1) for hidden units [c0,c1) (rows
+  // c0…c1 of dw_ih, dw_hh and db): loop steps [T-k1, T-k0), a run of consecutive time indices
+  // [ta,tb). Written when `write` (the first run), else added.
+  auto weight_grads = [&](int64_t k0, int64_t k1, bool write, const cpu::Slice& block) {
     const int64_t ta = order.range_begin(T - k1, T - k0), tb = ta + (k1 - k0);
+    const int64_t c0 = block.c0, n = block.size();
     const scalar_t beta = write ? 0 : 1;
-    if (dw_ih)  // dz[ta:tb]ᵀ·x[ta:tb]
-      cpu::gemm<scalar_t>(true, false, H, I, (tb - ta) * B, dz + ta * BH, H, x + ta * B * I, I,
-                          beta, dw_ih, I);
-    if (dw_hh) {  // Σ_t dz_tᵀ·h_{t-1}
+    if (dw_ih)  // dz[ta:tb, :, c0:c1]ᵀ·x[ta:tb]: [n,rows]·[rows,I]
+      cpu::gemm<scalar_t>(true, false, n, I, (tb - ta) * B, dz + ta * BH + c0, H, x + ta * B * I, I,
+                          beta, dw_ih + c0 * I, I);
+    if (dw_hh) {  // Σ_t dz_t[:, c0:c1]ᵀ·h_{t-1}: [n,rows]·[rows,H]
       const PrevStates p = split_prev_states(order, ta, tb);
       scalar_t b0 = beta;
       if (p.has_first) {
-        cpu::gemm<scalar_t>(true, false, H, H, B, dz + p.first * BH, H, h0, H, b0, dw_hh, H);
+        cpu::gemm<scalar_t>(true, false, n, H, B, dz + p.first * BH + c0, H, h0, H, b0,
+                            dw_hh + c0 * H, H);
         b0 = 1;
       }
       if (p.hi > p.lo)
-        cpu::gemm<scalar_t>(true, false, H, H, (p.hi - p.lo) * B, dz + p.lo * BH, H,
-                            out + p.prev_of_lo * BH, H, b0, dw_hh, H);
+        cpu::gemm<scalar_t>(true, false, n, H, (p.hi - p.lo) * B, dz + p.lo * BH + c0, H,
+                            out + p.prev_of_lo * BH, H, b0, dw_hh + c0 * H, H);
     }
     if (db) {
-      if (write) std::fill(db, db + H, scalar_t(0));
+      if (write) std::fill(db + c0, db + block.c1, scalar_t(0));
       for (int64_t r = ta * B; r < tb * B; ++r)
-        for (int64_t j = 0; j < H; ++j) db[j] += dz[r * H + j];
+        for (int64_t j = c0; j < block.c1; ++j) db[j] += dz[r * H + j];
     }
   };
   // dx = dz·w_ih for backward steps [k0,k1)
