@@ -3,7 +3,7 @@ arguments, on the CPU kernel and the fake (meta) kernel torch.compile traces."""
 
 import pytest
 import torch
-from helpers import GRAD_NAMES, make_inputs
+from helpers import GRAD_NAMES, make_inputs, needs_cuda
 
 from rnnlm_ext import ops
 
@@ -34,3 +34,39 @@ def test_relu_backward_with_non_finite_input_matches_nn_rnn(bad, T, dtype):
     for name, g, e in zip(["out", *GRAD_NAMES], [out, *grads], [expected, *expected_grads]):
         assert torch.equal(g.isnan(), e.isnan()), f"{name}: NaN at other positions than nn.RNN's"
         torch.testing.assert_close(g, e, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+CHECKED_DEVICES = ["cpu", "meta", pytest.param("cuda", marks=needs_cuda)]
+
+
+@pytest.mark.parametrize("device", CHECKED_DEVICES)
+@pytest.mark.parametrize("name", ["x", "h0", "w_ih", "w_hh"])
+def test_forward_names_a_missing_tensor(name, device):
+    x, h0, w_ih, w_hh, b = make_inputs(3, 2, 4, 5, torch.float32, device, requires_grad=False)
+    args = dict(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, bias=b, nonlinearity="tanh", reverse=False)
+    args[name] = None
+    with pytest.raises(RuntimeError, match=f"rnnlm_ext: {name} is required, got None"):
+        torch.ops.rnnlm_ext.rnn_forward(*args.values())
+
+
+def backward_args(device):
+    x, h0, w_ih, w_hh, b = make_inputs(3, 2, 4, 5, torch.float32, requires_grad=False)
+    out = ops.rnn_layer(x, h0, w_ih, w_hh, b)
+    args = dict(dout=torch.ones_like(out), x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, out=out)
+    return {**{k: v.to(device) for k, v in args.items()}, "nonlinearity": "tanh", "reverse": False}
+
+
+@pytest.mark.parametrize("device", CHECKED_DEVICES)
+@pytest.mark.parametrize("name", ["dout", "x", "h0", "w_ih", "w_hh", "out"])
+def test_backward_names_a_missing_tensor(name, device):
+    args = {**backward_args(device), "output_mask": [True] * 5}
+    args[name] = None
+    with pytest.raises(RuntimeError, match=f"rnnlm_ext: {name} is required, got None"):
+        torch.ops.rnnlm_ext.rnn_backward(*args.values())
+
+
+@pytest.mark.parametrize("length", [4, 6])
+def test_fake_backward_names_a_wrong_length_output_mask(length):
+    args = {**backward_args("meta"), "output_mask": [True] * length}
+    with pytest.raises(RuntimeError, match="output_mask must have 5 entries"):
+        torch.ops.rnnlm_ext.rnn_backward(*args.values())
