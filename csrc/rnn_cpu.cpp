@@ -35,9 +35,10 @@ void bias_act_forward(scalar_t* h, const scalar_t* b, int64_t rows, int64_t n, i
 }
 
 // In the forward pass this was h = act(z), so now dz = (carry + dout) ⊙ act'(h), with act'
-// taken from the saved output h: tanh' = 1 − h², relu' = 0 where h <= 0, else 1, so that a
-// NaN output passes the gradient through, as nn.RNN's does. Over a [rows,n] block with row
-// stride ld; dz holds the carried gradient dz_{t+1}·w_hh on entry when `carry` is true, and is
+// taken from the saved output h: tanh' = 1 − h², as (1 − h)(1 + h), exact where h ~ ±1 (1 − h²
+// lost half of 1 − h²'s bits there); relu' = 0 where h <= 0, else 1, so that a NaN output
+// passes the gradient through, as nn.RNN's does. Over a [rows,n] block with row stride ld;
+// dz holds the carried gradient dz_{t+1}·w_hh on entry when `carry` is true, and is
 // overwritten.
 template <typename scalar_t>
 void act_backward(scalar_t* dz, const scalar_t* dout, const scalar_t* h, bool carry, int64_t rows,
@@ -50,9 +51,11 @@ void act_backward(scalar_t* dz, const scalar_t* dout, const scalar_t* h, bool ca
     // select into a vector compare-and-mask; as a branch on h <= 0, mispredicted half the
     // time, the relu backward loop ran 4x slower than tanh's).
     if (act == Activation::Tanh && carry) {
-      for (int64_t j = 0; j < n; ++j) dzr[j] = (dzr[j] + doutr[j]) * (scalar_t(1) - hr[j] * hr[j]);
+      for (int64_t j = 0; j < n; ++j)
+        dzr[j] = (dzr[j] + doutr[j]) * ((scalar_t(1) - hr[j]) * (scalar_t(1) + hr[j]));
     } else if (act == Activation::Tanh) {
-      for (int64_t j = 0; j < n; ++j) dzr[j] = doutr[j] * (scalar_t(1) - hr[j] * hr[j]);
+      for (int64_t j = 0; j < n; ++j)
+        dzr[j] = doutr[j] * ((scalar_t(1) - hr[j]) * (scalar_t(1) + hr[j]));
     } else if (carry) {
       for (int64_t j = 0; j < n; ++j) {
         const scalar_t g = dzr[j] + doutr[j];
