@@ -62,6 +62,8 @@ struct Slice {
 // gradient's rows) is one call per block, whichever thread makes it: a GEMM over more
 // columns may sum in another order.
 constexpr int64_t kMinSplitColumns = 128;
+// A block has fewer than 2·kMinSplitColumns columns (blocks of 128 … 255, or one of H < 256).
+constexpr int64_t kMaxBlockColumns = 2 * kMinSplitColumns;
 class ColumnBlocks {
  public:
   explicit ColumnBlocks(int64_t H) : H_(H), n_(std::max<int64_t>(1, H / kMinSplitColumns)) {}
