@@ -11,9 +11,17 @@
 //            column): the CPU counterpart of the persistent GPU kernel. For wide layers.
 //   helper   the loop runs on the calling thread, and a helper thread does the large GEMMs
 //            around it meanwhile, in chunks of steps. For layers too narrow to share.
+//
+// Results do not depend on the thread count, as nn.RNN's do not: every piece of work is cut
+// by the shape alone (the columns into ColumnBlocks, the steps into chunks), each piece is one
+// single-threaded BLAS call (OneBlasThread: a threaded GEMM may split its sums by thread
+// count), and sums over pieces run in one fixed order. Threads only choose who runs a piece.
+// In a fork()ed child everything runs on the calling thread (libgomp's team does not survive
+// fork, and entering a parallel region there hangs).
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <pthread.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -35,9 +43,41 @@
 namespace rnnlm_ext {
 namespace cpu {
 
-constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vector of floats
+constexpr int64_t kColumnAlign = 16;  // blocks are multiples of one AVX-512 vector of floats
 
-// How many threads share the time loop by hidden columns (1: the loop runs on the calling
+// Set in a fork()ed child (pthread_atfork, registered when the extension loads).
+inline std::atomic<bool> forked_child{false};
+inline const bool fork_handler_registered =
+    pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
+
+// One thread's columns: [c0,c1) of the H hidden units. id numbers the block (ColumnBlocks).
+struct Slice {
+  int id;
+  int64_t c0, c1;
+  int64_t size() const { return c1 - c0; }
+};
+
+// The H hidden columns cut into blocks of at least kMinSplitColumns (one block below 256),
+// boundaries a function of H alone. Every per-column piece of work (a step's GEMM, a weight
+// gradient's rows) is one call per block, whichever thread makes it: a GEMM over more
+// columns may sum in another order.
+constexpr int64_t kMinSplitColumns = 128;
+// A block has fewer than 2·kMinSplitColumns columns (blocks of 128 … 255, or one of H < 256).
+constexpr int64_t kMaxBlockColumns = 2 * kMinSplitColumns;
+class ColumnBlocks {
+ public:
+  explicit ColumnBlocks(int64_t H) : H_(H), n_(std::max<int64_t>(1, H / kMinSplitColumns)) {}
+  int64_t size() const { return n_; }
+  Slice operator[](int64_t b) const { return {int(b), bound(b), bound(b + 1)}; }
+
+ private:
+  int64_t bound(int64_t b) const {
+    return b == n_ ? H_ : b * H_ / n_ / kColumnAlign * kColumnAlign;
+  }
+  int64_t H_, n_;
+};
+
+// How many threads share the time loop by column blocks (1: the loop runs on the calling
 // thread, with a helper beside it, below). Sharing needs a step's GEMM (B·H·H multiply-adds)
 // large enough that the per-step barrier is small beside it, and enough columns per thread.
 // Measured on this project's 2 cores, module forward+backward, two threads sharing columns
@@ -45,14 +85,14 @@ constexpr int64_t kColumnAlign = 16;  // slices are multiples of one AVX-512 vec
 // 13.1 against 11.7 ms, 16,64,256 3.46 against 3.26 ms, 256,32,128 9.4 against 7.5 ms. So two
 // threads share from 512 columns each. Three or more share from 128 columns each: the helper
 // uses only two threads, and that rule is the earlier one, unmeasured here (2 cores).
-constexpr int64_t kMinSplitColumns = 128;
 constexpr int64_t kMinSplitColumnsOfTwo = 512;
 constexpr int64_t kMinSplitWork = int64_t(1) << 19;
 
 inline int column_threads(int64_t B, int64_t H) {
 #ifdef _OPENMP
-  if (!have_blas<float>()) return 1;  // the ATen fallback GEMM is not for parallel regions
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), H / kMinSplitColumns);
+  // the ATen fallback GEMM is not for parallel regions
+  if (!have_blas<float>() || forked_child.load(std::memory_order_relaxed)) return 1;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), ColumnBlocks(H).size());
   const bool worth_it = threads >= 3 || (threads == 2 && H >= 2 * kMinSplitColumnsOfTwo);
   return worth_it && B * H * H >= kMinSplitWork ? int(threads) : 1;
 #else
@@ -60,44 +100,41 @@ inline int column_threads(int64_t B, int64_t H) {
 #endif
 }
 
-// One thread's share of the time loop: thread `id` owns hidden columns [c0,c1).
-struct Slice {
-  int id;
-  int64_t c0, c1;
-  int64_t size() const { return c1 - c0; }
-};
-
-// prepare(slice) once on every thread, then for k = 0 … T-1: before(k, slice) on every
-// thread, a barrier, then after(k, slice). Work that reads columns other threads wrote goes
-// after the barrier. Threads whose slice is empty (H too small for all of them) only wait.
-template <typename Prepare, typename Before, typename After>
-void time_loop(int64_t T, int64_t H, int threads, const Prepare& prepare, const Before& before,
-               const After& after) {
-  if (threads <= 1) {
-    const Slice all{0, 0, H};
-    const OneBlasThread one_blas_thread;
-    prepare(all);
-    for (int64_t k = 0; k < T; ++k) {
-      before(k, all);
-      after(k, all);
+// body(id, n) on each of a team of `threads` (n may come out smaller: OMP_THREAD_LIMIT, a
+// nested region), every BLAS call in it single-threaded; one thread runs it inline.
+template <typename Body>
+void parallel(int threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const OneBlasThread one_blas_thread;
+      body(omp_get_thread_num(), omp_get_num_threads());
     }
     return;
   }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t per = ((H + n - 1) / n + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
-    const int64_t c0 = std::min(H, id * per), c1 = std::min(H, c0 + per);
-    const Slice own{int(id), c0, c1};
-    if (c0 < c1) prepare(own);
-    for (int64_t k = 0; k < T; ++k) {
-      if (c0 < c1) before(k, own);
-#pragma omp barrier
-      if (c0 < c1) after(k, own);
-    }
-  }
 #endif
+  const OneBlasThread one_blas_thread;
+  body(0, 1);
+}
+
+// prepare(block) once for every column block, then for k = 0 … T-1: before(k, block) on every
+// block, a barrier, then after(k, block). Work that reads columns other threads wrote goes
+// after the barrier. Each thread takes a run of whole blocks.
+template <typename Prepare, typename Before, typename After>
+void time_loop(int64_t T, const ColumnBlocks& blocks, int threads, const Prepare& prepare,
+               const Before& before, const After& after) {
+  parallel(threads, [&](int id, int n) {
+    const int64_t b0 = id * blocks.size() / n, b1 = (id + 1) * blocks.size() / n;
+    for (int64_t b = b0; b < b1; ++b) prepare(blocks[b]);
+    for (int64_t k = 0; k < T; ++k) {
+      for (int64_t b = b0; b < b1; ++b) before(k, blocks[b]);
+      if (n > 1) {
+#pragma omp barrier
+      }
+      for (int64_t b = b0; b < b1; ++b) after(k, blocks[b]);
+    }
+  });
 }
 
 constexpr auto kNothing = [](int64_t, const Slice&) {};
@@ -109,7 +146,8 @@ constexpr auto kNothing = [](int64_t, const Slice&) {};
 // thread (inside another parallel region) is correct too, only not faster.
 inline bool can_use_helper() {
 #ifdef _OPENMP
-  return have_blas<float>() && at::get_num_threads() >= 2;
+  return have_blas<float>() && at::get_num_threads() >= 2 &&
+         !forked_child.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -193,128 +231,130 @@ class Progress {
   std::atomic<int64_t> done_{0};
 };
 
-// Steps per chunk: at least 64 rows. Small chunks keep the helper close behind (backward) or
-// just ahead of (forward) the loop, so little of its work is left when the loop ends.
+// Steps per chunk of the projection and the weight gradients, on every path: at least 64
+// rows. Small chunks keep the helper close behind (backward) or just ahead of (forward) the
+// loop, so little of its work is left when the loop ends.
 // Module forward+backward with 64- against 256-row chunks: 16,64,256 3.26 against 3.81 ms,
 // 64,64,256 11.7 against 12.8 ms, 16,64,64 0.464 against 0.489 ms.
 inline int64_t chunk_steps(int64_t B) { return std::max<int64_t>(1, 64 / B); }
+// Steps per chunk of dx: rows enough for an efficient GEMM.
+inline int64_t input_grad_chunk_steps(int64_t B) { return std::max<int64_t>(1, 256 / B); }
 
 // ----------------------------------------------------------------------------------------
 // The schedules. Loop steps count in the order the forward runs them (rnn.h's StepOrder);
-// State is a thread's per-sequence step state (the Elman cell's: a StepGemm with its slice of
-// w_hh packed), default-constructed, one per thread.
+// State is a column block's per-sequence step state (the Elman cell's: a StepGemm with its
+// block of w_hh packed), default-constructed, one per block.
 
 // The forward: project(s0, s1) computes the input projection of loop steps [s0,s1) (batched,
-// any thread); prepare(state, slice) runs once per thread; step(s, slice, state) runs loop
-// step s on the slice's columns, after the projection of step s.
-template <typename State, typename Project, typename Prepare, typename Step>
-void forward_with_helper(int64_t T, int64_t B, int64_t H, const Project& project,
-                         const Prepare& prepare, const Step& step) {
-  // the caller runs the steps; chunks of the projection are claimed by whichever thread gets
-  // to them first, the helper ahead of the steps or the caller when it finds its next step's
-  // chunk unclaimed
-  const int64_t chunk = chunk_steps(B);
-  Chunks projection((T + chunk - 1) / chunk);
-  auto project_chunk = [&](int64_t i) { project(i * chunk, std::min(T, (i + 1) * chunk)); };
-  with_helper(
-      [&] {
-        const Slice all{0, 0, H};
-        State state;
-        prepare(state, all);
-        for (int64_t s = 0; s < T; ++s) {
-          projection.finish(s / chunk, project_chunk);
-          step(s, all, state);
-        }
-      },
-      [&] { projection.run_all(project_chunk); });
-}
-
+// any thread); prepare(state, block) runs once per column block; step(s, block, state) runs
+// loop step s on the block's columns, after the projection of step s.
 template <typename State, typename Project, typename Prepare, typename Step>
 void forward_schedule(int64_t T, int64_t B, int64_t H, const Project& project,
                       const Prepare& prepare, const Step& step) {
+  const ColumnBlocks blocks(H);
+  std::vector<State> states(size_t(blocks.size()));
+  const int64_t chunk = chunk_steps(B);
+  Chunks projection((T + chunk - 1) / chunk);
+  auto project_chunk = [&](int64_t i) { project(i * chunk, std::min(T, (i + 1) * chunk)); };
+  auto prepare_block = [&](const Slice& block) { prepare(states[size_t(block.id)], block); };
+  auto step_block = [&](int64_t s, const Slice& block) {
+    step(s, block, states[size_t(block.id)]);
+  };
   const int threads = column_threads(B, H);
-  if (threads == 1 && can_use_helper())
-    return forward_with_helper<State>(T, B, H, project, prepare, step);
-  project(0, T);
-  std::vector<State> states(threads);
-  time_loop(
-      T, H, threads, [&](const Slice& slice) { prepare(states[slice.id], slice); },
-      [&](int64_t s, const Slice& slice) { step(s, slice, states[slice.id]); }, kNothing);
+  if (threads == 1 && can_use_helper()) {
+    // the caller runs the steps; chunks of the projection are claimed by whichever thread gets
+    // to them first, the helper ahead of the steps or the caller when it finds its next step's
+    // chunk unclaimed
+    return with_helper(
+        [&] {
+          for (int64_t b = 0; b < blocks.size(); ++b) prepare_block(blocks[b]);
+          for (int64_t s = 0; s < T; ++s) {
+            projection.finish(s / chunk, project_chunk);
+            for (int64_t b = 0; b < blocks.size(); ++b) step_block(s, blocks[b]);
+          }
+        },
+        [&] { projection.run_all(project_chunk); });
+  }
+  parallel(threads, [&](int, int) { projection.run_all(project_chunk); });
+  time_loop(T, blocks, threads, prepare_block, step_block, kNothing);
 }
 
 // The backward runs the forward's steps in reverse order; k = 0 … T-1 counts them (k = 0 is
 // the forward's last step). The cell supplies:
-//   prepare(state, slice)       once per thread
-//   finish(k, slice)            step k's gradient on the slice's columns, from what reached it
-//   carry(k, slice, state)      after every thread finished step k: the slice's columns of what
-//                               step k passes to the step before it
-//   initial_state_grad()        after the last step (the gradient of h0)
-//   weight_grads(k0, k1, write) the weight and bias gradients of steps [k0,k1), written when
-//                               `write` (the first call), else added; calls cover [0,T) in order
-//   input_grads(k0, k1)         dx of steps [k0,k1); called only when input_grads_wanted
-template <typename State, typename Prepare, typename Finish, typename Carry,
-          typename InitialStateGrad, typename WeightGrads, typename InputGrads>
-void backward_with_helper(int64_t T, int64_t B, int64_t H, bool input_grads_wanted,
-                          const Prepare& prepare, const Finish& finish, const Carry& carry,
-                          const InitialStateGrad& initial_state_grad,
-                          const WeightGrads& weight_grads, const InputGrads& input_grads) {
-  // the caller runs the steps, then the initial state's gradient and dx; the helper follows the
-  // steps, taking the weight and bias gradients of each chunk of finished ones, then whatever
-  // chunks of dx the caller has not claimed yet. If the helper has not started by the time the
-  // caller is done, the caller takes the weight gradients too, in the same chunks: the same
-  // GEMMs in the same order, so the result does not depend on who ran them.
-  Progress finished;
-  std::atomic<bool> weight_grads_taken{false};
-  auto chunked_weight_grads = [&] {
-    const int64_t chunk = chunk_steps(B);
-    for (int64_t k0 = 0; k0 < T; k0 += chunk) {
-      const int64_t k1 = std::min(T, k0 + chunk);
-      finished.wait_for(k1);
-      weight_grads(k0, k1, k0 == 0);
-    }
-  };
-  const int64_t dx_chunk = std::max<int64_t>(1, 256 / B);  // rows enough for an efficient GEMM
-  Chunks dx_chunks(input_grads_wanted ? (T + dx_chunk - 1) / dx_chunk : 0);
-  auto dx_work = [&](int64_t i) { input_grads(i * dx_chunk, std::min(T, (i + 1) * dx_chunk)); };
-  with_helper(
-      [&] {
-        const Slice all{0, 0, H};
-        State state;
-        prepare(state, all);
-        for (int64_t k = 0; k < T; ++k) {
-          finish(k, all);
-          finished.publish(k + 1);
-          carry(k, all, state);
-        }
-        initial_state_grad();
-        dx_chunks.run_all(dx_work);
-        if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
-      },
-      [&] {
-        if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
-        finished.wait_for(T);  // dx reads every step's gradient
-        dx_chunks.run_all(dx_work);
-      });
-}
-
+//   prepare(state, block)              once per column block
+//   finish(k, block)                   step k's gradient on the block's columns, from what
+//                                      reached it
+//   carry(k, block, state)             after every block finished step k: the block's columns
+//                                      of what step k passes to the step before it
+//   initial_state_grad()               after the last step (the gradient of h0)
+//   weight_grads(k0, k1, write, block) the weight and bias gradients of steps [k0,k1) for the
+//                                      block's hidden units (their rows of each weight
+//                                      gradient), written when `write` (the first call), else
+//                                      added; each block's calls cover [0,T) in order
+//   input_grads(k0, k1)                dx of steps [k0,k1); called only when input_grads_wanted
 template <typename State, typename Prepare, typename Finish, typename Carry,
           typename InitialStateGrad, typename WeightGrads, typename InputGrads>
 void backward_schedule(int64_t T, int64_t B, int64_t H, bool input_grads_wanted,
                        const Prepare& prepare, const Finish& finish, const Carry& carry,
                        const InitialStateGrad& initial_state_grad, const WeightGrads& weight_grads,
                        const InputGrads& input_grads) {
+  const ColumnBlocks blocks(H);
+  std::vector<State> states(size_t(blocks.size()));
+  auto prepare_block = [&](const Slice& block) { prepare(states[size_t(block.id)], block); };
+  auto carry_block = [&](int64_t k, const Slice& block) {
+    carry(k, block, states[size_t(block.id)]);
+  };
+  const int64_t chunk = chunk_steps(B);
+  const int64_t dx_chunk = input_grad_chunk_steps(B);
+  Chunks dx_chunks(input_grads_wanted ? (T + dx_chunk - 1) / dx_chunk : 0);
+  auto dx_work = [&](int64_t i) { input_grads(i * dx_chunk, std::min(T, (i + 1) * dx_chunk)); };
   const int threads = column_threads(B, H);
-  if (threads == 1 && can_use_helper())
-    return backward_with_helper<State>(T, B, H, input_grads_wanted, prepare, finish, carry,
-                                       initial_state_grad, weight_grads, input_grads);
-  std::vector<State> states(threads);
-  time_loop(
-      T, H, threads, [&](const Slice& slice) { prepare(states[slice.id], slice); }, finish,
-      [&](int64_t k, const Slice& slice) { carry(k, slice, states[slice.id]); });
-  // The rest is batched over all T·B rows.
-  initial_state_grad();
-  if (input_grads_wanted) input_grads(0, T);
-  weight_grads(0, T, true);
+  if (threads == 1 && can_use_helper()) {
+    // the caller runs the steps, then the initial state's gradient and dx; the helper follows
+    // the steps, taking the weight and bias gradients of each chunk of finished ones, then
+    // whatever chunks of dx the caller has not claimed yet. If the helper has not started by
+    // the time the caller is done, the caller takes the weight gradients itself.
+    Progress finished;
+    std::atomic<bool> weight_grads_taken{false};
+    auto chunked_weight_grads = [&] {
+      for (int64_t k0 = 0; k0 < T; k0 += chunk) {
+        const int64_t k1 = std::min(T, k0 + chunk);
+        finished.wait_for(k1);
+        for (int64_t b = 0; b < blocks.size(); ++b) weight_grads(k0, k1, k0 == 0, blocks[b]);
+      }
+    };
+    return with_helper(
+        [&] {
+          for (int64_t b = 0; b < blocks.size(); ++b) prepare_block(blocks[b]);
+          for (int64_t k = 0; k < T; ++k) {
+            for (int64_t b = 0; b < blocks.size(); ++b) finish(k, blocks[b]);
+            finished.publish(k + 1);
+            for (int64_t b = 0; b < blocks.size(); ++b) carry_block(k, blocks[b]);
+          }
+          initial_state_grad();
+          dx_chunks.run_all(dx_work);
+          if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
+        },
+        [&] {
+          if (!weight_grads_taken.exchange(true)) chunked_weight_grads();
+          finished.wait_for(T);  // dx reads every step's gradient
+          dx_chunks.run_all(dx_work);
+        });
+  }
+  time_loop(T, blocks, threads, prepare_block, finish, carry_block);
+  // The rest is batched over all T·B rows, shared out as whole pieces: each block's weight
+  // gradients (its chunks in order), the initial state's gradient, the chunks of dx.
+  const int64_t pieces = blocks.size() + 1;
+  Chunks batched(pieces);
+  auto batched_work = [&](int64_t i) {
+    if (i == blocks.size()) return initial_state_grad();
+    for (int64_t k0 = 0; k0 < T; k0 += chunk)
+      weight_grads(k0, std::min(T, k0 + chunk), k0 == 0, blocks[i]);
+  };
+  parallel(threads, [&](int, int) {
+    batched.run_all(batched_work);
+    dx_chunks.run_all(dx_work);
+  });
 }
 
 }  // namespace cpu

@@ -20,7 +20,7 @@
 // bidirectional layer) without flipping any tensor: out[t] is still the state at input x[t].
 //
 // Backward, given dout [T,B,H] (dh_n already folded into the last step of dout):
-//   dz_t  = (dout_t + dz_{t+1}·w_hh) ⊙ act'(h_t)    relu: [h_t > 0]   tanh: 1 − h_t²
+//   dz_t  = (dout_t + dz_{t+1}·w_hh) ⊙ act'(h_t)    relu: 0 if h_t <= 0 else 1   tanh: 1 − h_t²
 //   dh0   = dz_1·w_hh
 //   dw_hh = Σ_t dz_tᵀ·h_{t-1}   dw_ih = dzᵀ·x   db = Σ dz   dx = dz·w_ih
 // All gradients are written (=), never accumulated: the op returns fresh tensors and

@@ -31,6 +31,12 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
               x.device(), "; all tensors must be on one device");
 }
 
+// An undefined tensor is what the dispatcher passes for None in a Tensor argument; it reports
+// itself as 1-D of shape [0], so name it before any shape check would.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "rnnlm_ext: ", name, " is required, got None");
+}
+
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, "rnnlm_ext: ", name, " must have shape ", expected, ", got ",
               t.sizes());
@@ -39,6 +45,10 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
 // x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None.
 inline Dims check_forward_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& bias) {
+  check_defined(x, "x");
+  check_defined(h0, "h0");
+  check_defined(w_ih, "w_ih");
+  check_defined(w_hh, "w_hh");
   TORCH_CHECK(x.dim() == 3, "rnnlm_ext: x must be 3-D [T,B,I], got ", x.dim(), "-D shape ",
               x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
@@ -65,6 +75,8 @@ inline Dims check_forward_args(const at::Tensor& x, const at::Tensor& h0, const 
 inline Dims check_backward_args(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0,
                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
                                 const at::Tensor& out) {
+  check_defined(dout, "dout");
+  check_defined(out, "out");
   const Dims d = check_forward_args(x, h0, w_ih, w_hh, std::nullopt);
   check_shape(dout, "dout", {d.T, d.B, d.H});
   check_shape(out, "out", {d.T, d.B, d.H});

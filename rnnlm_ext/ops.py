@@ -39,7 +39,9 @@ def rnn_layer(
 def _check_args(nonlinearity, x, w_hh, **others):
     """The kernels' argument checks (csrc/rnn_args.h), for the fake kernels: the
     nonlinearity, shapes from x [T,B,I] and w_hh [H,H], one dtype and one device. Returns
-    T, B, I, H."""
+    T, B, I, H. Every tensor but bias is required (None is what reaches a fake kernel for it)."""
+    for name, t in (("x", x), ("w_hh", w_hh), *others.items()):
+        torch._check(t is not None or name == "bias", lambda: f"rnnlm_ext: {name} is required, got None")
     torch._check(nonlinearity in NONLINEARITIES,
                  lambda: f"rnnlm_ext: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
     torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
@@ -71,6 +73,10 @@ def _rnn_forward_fake(x, h0, w_ih, w_hh, bias, nonlinearity, reverse, cuda_path=
 @torch.library.register_fake("rnnlm_ext::rnn_backward")
 def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, output_mask, cuda_path="auto"):
     _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, dout=dout, out=out)
+    torch._check(
+        len(output_mask) == 5,
+        lambda: f"rnnlm_ext: output_mask must have 5 entries (dx, dh0, dw_ih, dw_hh, db), got {len(output_mask)}",
+    )
     shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (w_hh.shape[0],))
     return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
 
