@@ -5,6 +5,7 @@ CUDA torch with nvcc found (CUDA_HOME): a CUDAExtension that adds the .cu files 
 glue (*_cuda.cpp), for TORCH_CUDA_ARCH_LIST (default "9.0+PTX": Hopper, plus PTX for later GPUs).
 RNNLM_EXT_FORCE_CPU=1 builds the CPU extension even where CUDA is available.
 """
+
 import glob
 import os
 import sys

@@ -7,6 +7,7 @@ Prints markdown tables; writes OUT/bench_lm.json and the loss-curve plots OUT/*.
     python bench/bench_lm.py --sections throughput --repeats 7
     RNNLM_EXT_DATA=../shared/data python bench/bench_lm.py   # tiny-shakespeare from that copy, no download
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ FASTBOOK = [
     ("LMModel2", dict(model="lmmodel2", bptt=3, epochs=4, lr=1e-3), 0.470),
     ("LMModel3", dict(model="lmmodel3", bptt=3, epochs=10, lr=3e-3), 0.589),
     ("LMModel4", dict(model="lmmodel4", bptt=16, epochs=15, lr=3e-3), 0.640),
-    ("RNNLM, shared-weight cell on the fused op (= LMModel4)",
-     dict(model="shared", bptt=16, epochs=15, lr=3e-3), 0.640),
+    (
+        "RNNLM, shared-weight cell on the fused op (= LMModel4)",
+        dict(model="shared", bptt=16, epochs=15, lr=3e-3),
+        0.640,
+    ),
     ("RNNLM, fused Elman layer", dict(model="rnn", bptt=16, epochs=15, lr=3e-3), None),
 ]
 BOOK_SETUP = dict(hidden_size=64, layers=1, bs=64, clip=0.0, dropout=0.0)  # fastai's Learner: no clipping
@@ -85,8 +89,16 @@ def run_fastbook(results: dict) -> None:
         cfg = TrainConfig(**({**BOOK_SETUP, **setup} if setup else {}), progress=False)
         t0 = time.perf_counter()
         r = train(cfg, log=quiet)
-        row = dict(name=name, book=book, config={k: getattr(cfg, k) for k in ("model", "hidden_size", "layers", "bptt",
-                   "epochs", "lr", "dropout", "clip")}, time_s=time.perf_counter() - t0, **r["final"])
+        row = dict(
+            name=name,
+            book=book,
+            config={
+                k: getattr(cfg, k)
+                for k in ("model", "hidden_size", "layers", "bptt", "epochs", "lr", "dropout", "clip")
+            },
+            time_s=time.perf_counter() - t0,
+            **r["final"],
+        )
         if cfg.bptt == 3:
             row["book_pipeline_accuracy"] = fastbook_windows(cfg.model, cfg.epochs, cfg.lr)
         rows.append(row)
@@ -101,8 +113,10 @@ def run_fastbook(results: dict) -> None:
         setup += f", dropout {c['dropout']:g}" if c["dropout"] else ""
         book = f"{r['book']:.3f}" if r["book"] is not None else "–"
         pipeline = f"{r['book_pipeline_accuracy']:.3f}" if "book_pipeline_accuracy" in r else "(same as right)"
-        print(f"| {r['name']} | {setup} | {book} | {pipeline} | {r['valid_accuracy']:.3f} | {r['valid_loss']:.3f} "
-              f"| {r['time_s']:.1f}s |")
+        print(
+            f"| {r['name']} | {setup} | {book} | {pipeline} | {r['valid_accuracy']:.3f} | {r['valid_loss']:.3f} "
+            f"| {r['time_s']:.1f}s |"
+        )
 
 
 def _epoch_tokens_per_s(model, rows: torch.Tensor, bptt: int) -> float:
@@ -124,9 +138,13 @@ def run_throughput(results: dict, repeats: int) -> None:
     corpus = data.load_corpus("human-numbers")
     rows = data.batchify(corpus.train, 64)
     default = TrainConfig()
-    setups = [("fastbook size: h64 x1, bs 64, sl 16", dict(hidden_size=64, layers=1)),
-              (f"`rnnlm train`'s size: h{default.hidden_size} x{default.layers}, bs 64, sl 16",
-               dict(hidden_size=default.hidden_size, layers=default.layers))]
+    setups = [
+        ("fastbook size: h64 x1, bs 64, sl 16", dict(hidden_size=64, layers=1)),
+        (
+            f"`rnnlm train`'s size: h{default.hidden_size} x{default.layers}, bs 64, sl 16",
+            dict(hidden_size=default.hidden_size, layers=default.layers),
+        ),
+    ]
     out = []
     for label, size in setups:
         built = {}
@@ -134,8 +152,7 @@ def run_throughput(results: dict, repeats: int) -> None:
         layers = {"fused": RNN, "torch": torch.nn.RNN, "reference": functools.partial(RNN, impl="reference")}
         for impl, rnn_cls in layers.items():
             torch.manual_seed(0)
-            built[impl] = models.RNNLM(len(corpus.vocab), size["hidden_size"], size["layers"], "relu",
-                                       rnn_cls=rnn_cls)
+            built[impl] = models.RNNLM(len(corpus.vocab), size["hidden_size"], size["layers"], "relu", rnn_cls=rnn_cls)
         speeds = {impl: [] for impl in built}
         for rep in range(repeats + 1):  # the first round warms up and is not counted
             for impl, model in built.items():
@@ -143,36 +160,64 @@ def run_throughput(results: dict, repeats: int) -> None:
                 if rep:
                     speeds[impl].append(tps)
         med = {impl: statistics.median(v) for impl, v in speeds.items()}
-        out.append(dict(setup=label, tokens_per_s=med, all_runs=speeds,
-                        fused_over_torch=med["fused"] / med["torch"], fused_over_reference=med["fused"] / med["reference"]))
+        out.append(
+            dict(
+                setup=label,
+                tokens_per_s=med,
+                all_runs=speeds,
+                fused_over_torch=med["fused"] / med["torch"],
+                fused_over_reference=med["fused"] / med["reference"],
+            )
+        )
         print(f"  {label}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items()), flush=True)
     results["throughput"] = out
-    print(f"\n| setup (train, median of {repeats} epochs each) | fused tok/s | nn.RNN tok/s | reference tok/s "
-          "| fused ÷ nn.RNN | fused ÷ reference |")
+    print(
+        f"\n| setup (train, median of {repeats} epochs each) | fused tok/s | nn.RNN tok/s | reference tok/s "
+        "| fused ÷ nn.RNN | fused ÷ reference |"
+    )
     print("|---|---|---|---|---|---|")
     for r in out:
         t = r["tokens_per_s"]
-        print(f"| {r['setup']} | {t['fused']:,.0f} | {t['torch']:,.0f} | {t['reference']:,.0f} "
-              f"| {r['fused_over_torch']:.2f}x | {r['fused_over_reference']:.2f}x |")
+        print(
+            f"| {r['setup']} | {t['fused']:,.0f} | {t['torch']:,.0f} | {t['reference']:,.0f} "
+            f"| {r['fused_over_torch']:.2f}x | {r['fused_over_reference']:.2f}x |"
+        )
 
 
 def run_shakespeare(results: dict, dataset: str, epochs: int, out_dir: str) -> None:
     runs = {}
     for impl in ("fused", "torch"):
-        cfg = TrainConfig(dataset=dataset, level="char", rnn=impl, hidden_size=256, layers=2, bptt=64, bs=64,
-                          epochs=epochs, lr=3e-3, dropout=0.1, progress=False)
+        cfg = TrainConfig(
+            dataset=dataset,
+            level="char",
+            rnn=impl,
+            hidden_size=256,
+            layers=2,
+            bptt=64,
+            bs=64,
+            epochs=epochs,
+            lr=3e-3,
+            dropout=0.1,
+            progress=False,
+        )
         t0 = time.perf_counter()
         r = train(cfg, log=quiet)
         runs[impl] = dict(time_s=time.perf_counter() - t0, epochs=r["epochs"], **r["final"])
-        print(f"  {impl}: valid loss {r['final']['valid_loss']:.4f} nats/char in {runs[impl]['time_s']:.0f}s", flush=True)
-    results["shakespeare"] = dict(config=dict(hidden_size=256, layers=2, bptt=64, bs=64, epochs=epochs, lr=3e-3,
-                                              dropout=0.1), runs=runs)
-    print("\n| tiny-shakespeare, char level (h256 x2, sl 64, bs 64) | valid loss (nats/char) | perplexity "
-          "| tokens/s | time |")
+        print(
+            f"  {impl}: valid loss {r['final']['valid_loss']:.4f} nats/char in {runs[impl]['time_s']:.0f}s", flush=True
+        )
+    results["shakespeare"] = dict(
+        config=dict(hidden_size=256, layers=2, bptt=64, bs=64, epochs=epochs, lr=3e-3, dropout=0.1), runs=runs
+    )
+    print(
+        "\n| tiny-shakespeare, char level (h256 x2, sl 64, bs 64) | valid loss (nats/char) | perplexity "
+        "| tokens/s | time |"
+    )
     print("|---|---|---|---|---|")
     for impl, r in runs.items():
         name = "rnnlm_ext.RNN" if impl == "fused" else "torch.nn.RNN"
-        print(f"| {name} | {r['valid_loss']:.4f} | {r['perplexity']:.3f} | {r['tokens_per_s']:,.0f} | {r['time_s']:.0f}s |")
+        loss, ppl, speed = f"{r['valid_loss']:.4f}", f"{r['perplexity']:.3f}", f"{r['tokens_per_s']:,.0f}"
+        print(f"| {name} | {loss} | {ppl} | {speed} | {r['time_s']:.0f}s |")
     _plot(runs, os.path.join(out_dir, "shakespeare_loss.png"))
 
 
@@ -191,7 +236,7 @@ def _plot(runs: dict, path: str) -> None:
         steps_per_epoch = len(r["epochs"][0]["step_losses"])
         valid_steps = [steps_per_epoch * e["epoch"] for e in r["epochs"]]
         valid = [e["valid_loss"] for e in r["epochs"]]
-        line, = by_step.plot(smooth, label=f"{name} train")
+        (line,) = by_step.plot(smooth, label=f"{name} train")
         by_step.plot(valid_steps, valid, "o--", color=line.get_color(), label=f"{name} valid")
         by_time.plot([per_step * (i + 1) for i in range(len(smooth))], smooth, color=line.get_color(), label=name)
     by_step.set(xlabel="step", ylabel="loss (nats/char)", title="tiny-shakespeare, char level")
@@ -206,12 +251,18 @@ def _plot(runs: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="fastbook,throughput,shakespeare",
-                   help="comma-separated: fastbook, throughput, shakespeare")
+    p.add_argument(
+        "--sections",
+        default="fastbook,throughput,shakespeare",
+        help="comma-separated: fastbook, throughput, shakespeare",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed training epochs per layer (throughput)")
-    p.add_argument("--shakespeare", default="tiny-shakespeare",
-                   help="the data set of the char-level section: tiny-shakespeare (from $RNNLM_EXT_DATA, else "
-                        "~/.cache/rnnlm_ext, downloaded there once), or a text file")
+    p.add_argument(
+        "--shakespeare",
+        default="tiny-shakespeare",
+        help="the data set of the char-level section: tiny-shakespeare (from $RNNLM_EXT_DATA, else "
+        "~/.cache/rnnlm_ext, downloaded there once), or a text file",
+    )
     p.add_argument("--shakespeare-epochs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the JSON and PNG files")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

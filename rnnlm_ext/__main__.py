@@ -1,4 +1,5 @@
 """`python -m rnnlm_ext ...` is the `rnnlm` command."""
+
 import sys
 
 from rnnlm_ext.lm.cli import main

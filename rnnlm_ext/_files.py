@@ -1,4 +1,5 @@
 """File-system helpers shared by the benchmark, the language model's training and its data sets."""
+
 from __future__ import annotations
 
 import os

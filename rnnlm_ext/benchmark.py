@@ -10,6 +10,7 @@ the larger of that and the minimal memory traffic at the bandwidth of a large co
     rnnlm bench                      # CPU table, bench/results/rnn_cpu.{json,png}
     rnnlm bench --device cuda        # the GPU grid, each CUDA path of the fused layer
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -42,10 +43,10 @@ class Row:
     B: int
     H: int
     pass_: str  # "fwd+bwd" or "fwd"
-    ms: Dict[str, float]  # implementation -> median milliseconds
+    ms: dict[str, float]  # implementation -> median milliseconds
     floor_ms: float
 
-    def ratio(self, slow: str, fast: str) -> Optional[float]:
+    def ratio(self, slow: str, fast: str) -> float | None:
         return self.ms[slow] / self.ms[fast] if slow in self.ms and fast in self.ms else None
 
 
@@ -103,12 +104,18 @@ def implementations(H: int, nonlinearity: str, device: str, dtype: torch.dtype, 
     torch_rnn.load_state_dict(fused.state_dict())
     impls = {"rnnlm_ext": fused, "nn.RNN": torch_rnn}
     if python_loop:
+
         def loop(x, h0):
             out = reference.rnn_layer(
-                x, h0[0], fused.weight_ih_l0, fused.weight_hh_l0,
-                fused.bias_ih_l0 + fused.bias_hh_l0, nonlinearity,
+                x,
+                h0[0],
+                fused.weight_ih_l0,
+                fused.weight_hh_l0,
+                fused.bias_ih_l0 + fused.bias_hh_l0,
+                nonlinearity,
             )
             return out, out[-1:]
+
         impls["python loop"] = loop
     return impls
 
@@ -150,7 +157,7 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
     tol = 1e-4 if dtype == torch.float32 else 5e-2
 
     def under_path(name, fn):
-        path = name[len("rnnlm_ext["):-1] if name.startswith("rnnlm_ext[") else None
+        path = name[len("rnnlm_ext[") : -1] if name.startswith("rnnlm_ext[") else None
         if path is None:
             return fn()
         with ops.force_cuda_path(path):
@@ -164,19 +171,27 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
     for name in impls:
         label = f"T={T} B={B} H={H} {nonlinearity}: {name}"
         impl64 = exact["rnnlm_ext" if name.startswith("rnnlm_ext") else name]
-        under_path(name, lambda: check(exact["nn.RNN"], impl64, x.double(), h0.double(), dout.double(), 1e-9,
-                                       True, label + " float64"))
+        under_path(
+            name,
+            lambda: check(
+                exact["nn.RNN"], impl64, x.double(), h0.double(), dout.double(), 1e-9, True, label + " float64"
+            ),
+        )
         under_path(name, lambda: check(impls["nn.RNN"], impls[name], x, h0, dout, tol, False, label + f" {dtype}"))
 
     rows = []
     flops_fwd = 2 * T * B * H * (H + H)
     bytes_fwd = T * B * (H + H) * x.element_size()  # read x, write out
-    for pass_, backward, flops, nbytes in (("fwd+bwd", True, 3 * flops_fwd, 3 * bytes_fwd), ("fwd", False, flops_fwd, bytes_fwd)):
+    for pass_, backward, flops, nbytes in (
+        ("fwd+bwd", True, 3 * flops_fwd, 3 * bytes_fwd),
+        ("fwd", False, flops_fwd, bytes_fwd),
+    ):
         xg = x.detach().requires_grad_(backward)
         ms = {}
         for name, impl in impls.items():
-            ms[name] = under_path(name, lambda: median_ms(lambda: run_once(impl, xg, h0, dout, backward),
-                                                           device, repeats, warmup))
+            ms[name] = under_path(
+                name, lambda: median_ms(lambda: run_once(impl, xg, h0, dout, backward), device, repeats, warmup)
+            )
             for p in list(fused.parameters()) + list(impls["nn.RNN"].parameters()) + [xg]:
                 p.grad = None
         floor = flops / (gflops * 1e9) * 1e3
@@ -190,7 +205,7 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
 # report
 
 
-def markdown(rows: List[Row]) -> str:
+def markdown(rows: list[Row]) -> str:
     names = list(rows[0].ms)
     fused_names = [n for n in names if n.startswith("rnnlm_ext")]
     head = ["act", "pass", "dtype", "T", "B", "H"] + [f"{n} ms" for n in names] + ["floor ms"]
@@ -210,7 +225,7 @@ def markdown(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[Row], path: str) -> bool:
+def plot(rows: list[Row], path: str) -> bool:
     """Speed-up over nn.RNN per shape, one panel per (pass, activation, dtype). False, with
     nothing written, where matplotlib is not installed (the GPU machine may lack it)."""
     try:
@@ -256,28 +271,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's flags, on its own parser or on `rnnlm bench`."""
     cpu_grid = ";".join(",".join(map(str, shape)) for shape in CPU_SHAPES)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the layers run")
-    p.add_argument("--shapes", type=parse_shapes,
-                   help=f"'T,B,H;...' (I = H); unset: {cpu_grid} on the CPU, T={CUDA_T} with every B of "
-                        f"{','.join(map(str, CUDA_BATCHES))} and H of {','.join(map(str, CUDA_HIDDEN))} on the GPU")
-    p.add_argument("--nonlinearity", choices=[*reference.NONLINEARITIES, "both"], default=None,
-                   help="unset: both on the CPU, tanh on the GPU")
-    p.add_argument("--dtypes", default=None,
-                   help="comma-separated, of float32, float64 (CPU and GPU), bfloat16, float16 (GPU); "
-                        "unset: float32 on the CPU, float32,bfloat16 on the GPU")
+    p.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        help=f"'T,B,H;...' (I = H); unset: {cpu_grid} on the CPU, T={CUDA_T} with every B of "
+        f"{','.join(map(str, CUDA_BATCHES))} and H of {','.join(map(str, CUDA_HIDDEN))} on the GPU",
+    )
+    p.add_argument(
+        "--nonlinearity",
+        choices=[*reference.NONLINEARITIES, "both"],
+        default=None,
+        help="unset: both on the CPU, tanh on the GPU",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated, of float32, float64 (CPU and GPU), bfloat16, float16 (GPU); "
+        "unset: float32 on the CPU, float32,bfloat16 on the GPU",
+    )
     p.add_argument("--repeats", type=int, default=25, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before them")
     p.add_argument("--no-python-loop", action="store_true", help="skip the pure-Python loop")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
 
 
-def main(argv=None) -> List[Row]:
-    p = argparse.ArgumentParser(prog="rnnlm bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv=None) -> list[Row]:
+    p = argparse.ArgumentParser(
+        prog="rnnlm bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_arguments(p)
     return run(p.parse_args(argv), p.error)
 
 
-def run(args: argparse.Namespace, error: Callable[[str], None]) -> List[Row]:
+def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
     """Check the flags (error(message) for a bad one), time every shape, print and write the results."""
     from rnnlm_ext import ops  # the compiled op, loaded when timing starts (`rnnlm --help` works unbuilt)
 
@@ -301,23 +327,31 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> List[Row]:
     dtypes = [getattr(torch, n) for n in names]
     python_loop = not args.no_python_loop and not cuda
 
-    rows: List[Row] = []
+    rows: list[Row] = []
     for dtype in dtypes:
         gflops = gemm_gflops(args.device, dtype, args.repeats)
         gbps = copy_gbps(args.device, args.repeats) if cuda else 0.0
-        print(f"# {args.device} {dtype}: matmul {gflops:.0f} GFLOP/s" + (f", copy {gbps:.0f} GB/s" if gbps else ""),
-              flush=True)
+        print(
+            f"# {args.device} {dtype}: matmul {gflops:.0f} GFLOP/s" + (f", copy {gbps:.0f} GB/s" if gbps else ""),
+            flush=True,
+        )
         for act in acts:
             for T, B, H in shapes:
                 paths = [None]
                 if cuda:
                     paths = [pth for pth in ops.CUDA_PATHS if ops.cuda_path(B, H, dtype, pth) == pth]
-                rows += bench_shape(T, B, H, act, args.device, dtype, args.repeats, args.warmup, python_loop,
-                                    gflops, gbps, paths)
+                rows += bench_shape(
+                    T, B, H, act, args.device, dtype, args.repeats, args.warmup, python_loop, gflops, gbps, paths
+                )
                 last = rows[-2:]
-                print("  " + "  ".join(
-                    f"{r.pass_} T={T} B={B} H={H} {act}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r.ms.items())
-                    for r in last), flush=True)
+                print(
+                    "  "
+                    + "  ".join(
+                        f"{r.pass_} T={T} B={B} H={H} {act}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r.ms.items())
+                        for r in last
+                    ),
+                    flush=True,
+                )
 
     table = markdown(rows)
     print()
@@ -334,10 +368,11 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> List[Row]:
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     plotted = plot(rows, stem + ".png")
-    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plotted else " (no PNG: `pip install 'rnnlm_ext[plot]'` for one)"))
+    print(
+        f"\nwrote {stem}.json"
+        + (f" and {stem}.png" if plotted else " (no PNG: `pip install 'rnnlm_ext[plot]'` for one)")
+    )
     return rows
-
-
 
 
 if __name__ == "__main__":

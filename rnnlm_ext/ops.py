@@ -4,12 +4,13 @@ The chain: rnnlm_ext.RNN -> rnn_layer() here -> torch.ops.rnnlm_ext.rnn_forward 
 with a fake kernel and a registered autograd formula) -> the compiled kernel in csrc/. The
 autograd formula calls rnn_backward, the hand-written backward: no autograd through steps.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -17,12 +18,13 @@ from torch import Tensor
 from rnnlm_ext._extension import _C  # registers torch.ops.rnnlm_ext.*; refuses another torch release
 from rnnlm_ext.reference import NONLINEARITIES
 
+
 def rnn_layer(
     x: Tensor,  # [T,B,I]
     h0: Tensor,  # [B,H]
     w_ih: Tensor,  # [H,I]
     w_hh: Tensor,  # [H,H]
-    bias: Optional[Tensor] = None,  # [H]: b_ih + b_hh
+    bias: Tensor | None = None,  # [H]: b_ih + b_hh
     nonlinearity: str = "tanh",
     reverse: bool = False,
 ) -> Tensor:
@@ -42,25 +44,35 @@ def _check_args(nonlinearity, x, w_hh, **others):
     T, B, I, H. Every tensor but bias is required (None is what reaches a fake kernel for it)."""
     for name, t in (("x", x), ("w_hh", w_hh), *others.items()):
         torch._check(t is not None or name == "bias", lambda: f"rnnlm_ext: {name} is required, got None")
-    torch._check(nonlinearity in NONLINEARITIES,
-                 lambda: f"rnnlm_ext: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
+    torch._check(
+        nonlinearity in NONLINEARITIES,
+        lambda: f"rnnlm_ext: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'",
+    )
     torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
     torch._check(x.dtype.is_floating_point, lambda: f"rnnlm_ext: x must be a floating-point tensor, got {x.dtype}")
     torch._check(w_hh.dim() == 2, lambda: f"rnnlm_ext: w_hh must be 2-D [H,H], got shape {list(w_hh.shape)}")
     T, B, I = x.shape
     H = w_hh.shape[0]
-    torch._check(T >= 1 and B >= 1 and I >= 1 and H >= 1,
-                 lambda: f"rnnlm_ext: T, B, I and H must all be >= 1, got x {list(x.shape)} and w_hh {list(w_hh.shape)}")
+    torch._check(
+        T >= 1 and B >= 1 and I >= 1 and H >= 1,
+        lambda: f"rnnlm_ext: T, B, I and H must all be >= 1, got x {list(x.shape)} and w_hh {list(w_hh.shape)}",
+    )
     shapes = {"w_hh": [H, H], "w_ih": [H, I], "h0": [B, H], "bias": [H], "dout": [T, B, H], "out": [T, B, H]}
     for name, t in (("w_hh", w_hh), *others.items()):
         if t is None:
             continue
-        torch._check(list(t.shape) == shapes[name],
-                     lambda: f"rnnlm_ext: {name} must have shape {shapes[name]}, got {list(t.shape)}")
-        torch._check(t.dtype == x.dtype,
-                     lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
-        torch._check(t.device == x.device,
-                     lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+        torch._check(
+            list(t.shape) == shapes[name],
+            lambda: f"rnnlm_ext: {name} must have shape {shapes[name]}, got {list(t.shape)}",
+        )
+        torch._check(
+            t.dtype == x.dtype,
+            lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match",
+        )
+        torch._check(
+            t.device == x.device,
+            lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device",
+        )
     return T, B, I, H
 
 
@@ -130,8 +142,10 @@ def _checked_cuda_path(path: str, what: str) -> str:
     return path
 
 
+# the default is a str (immutable), read from the environment once, at import
 _cuda_path: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "rnnlm_ext_cuda_path", default=_checked_cuda_path(os.environ.get(CUDA_PATH_ENV) or "auto", CUDA_PATH_ENV)
+    "rnnlm_ext_cuda_path",
+    default=_checked_cuda_path(os.environ.get(CUDA_PATH_ENV) or "auto", CUDA_PATH_ENV),  # noqa: B039
 )
 
 
@@ -142,7 +156,7 @@ def _requested_cuda_path() -> str:
     return _cuda_path.get()
 
 
-def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: Optional[str] = None) -> Optional[str]:
+def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: str | None = None) -> str | None:
     """Which CUDA implementation a layer with batch B and H hidden units of `dtype` runs on the
     current GPU: "persistent" or "per_step" (T does not matter).
 

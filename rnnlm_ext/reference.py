@@ -4,9 +4,8 @@ Everything here is a loop over time steps with autograd through every step: slow
 right. The tests hold the kernels to it; rnnlm_ext.RNN falls back to it when the compiled
 extension is missing.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ def rnn_layer(
     h0: Tensor,  # [B,H]
     w_ih: Tensor,  # [H,I]
     w_hh: Tensor,  # [H,H]
-    bias: Optional[Tensor] = None,  # [H]: b_ih + b_hh
+    bias: Tensor | None = None,  # [H]: b_ih + b_hh
     nonlinearity: str = "tanh",
     reverse: bool = False,
 ) -> Tensor:

@@ -5,11 +5,11 @@ outputs as torch.nn.RNN. Each layer and direction is one call of the fused op (o
 for the whole sequence, with a hand-written backward); stacking, bidirectional concatenation
 and dropout between layers happen here, in the same order nn.RNN does them.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,7 @@ class RNN(nn.Module):
             s += ", bidirectional=True"
         return s
 
-    def _check_input(self, input: Tensor, hx: Optional[Tensor]) -> None:
+    def _check_input(self, input: Tensor, hx: Tensor | None) -> None:
         """Refuse what nn.RNN refuses, with the exception type nn.RNN raises (code that
         catches those keeps working) and a message that names the argument or parameter and
         gives the shapes the user passed."""
@@ -172,8 +172,7 @@ class RNN(nn.Module):
         expected = (self.num_layers * self.num_directions, *batch, self.hidden_size)
         if tuple(hx.shape) != expected:
             raise RuntimeError(
-                f"hx must have shape {expected} (num_layers·num_directions, batch, hidden_size), "
-                f"got {tuple(hx.shape)}"
+                f"hx must have shape {expected} (num_layers·num_directions, batch, hidden_size), got {tuple(hx.shape)}"
             )
         if hx.dtype != input.dtype:
             raise RuntimeError(f"hx has dtype {hx.dtype} but input has {input.dtype}")
@@ -196,7 +195,7 @@ class RNN(nn.Module):
                         raise RuntimeError(f"{name} has dtype {p.dtype} but input has {input.dtype}")
                     raise RuntimeError(f"{name} is on {p.device} but input is on {input.device}")
 
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check_input(input, hx)
         unbatched = input.dim() == 2
         if unbatched:

@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules: global state a test changes is put back after it."""
+
 import pytest
 import torch
 

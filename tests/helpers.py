@@ -1,5 +1,6 @@
 """Shared test code: devices, tolerances, seeded inputs, and the op's correctness bodies that
 every device runs (test_op.py on "cpu" and "cuda", the subprocess tests on other CPU paths)."""
+
 import contextlib
 import os
 import subprocess
@@ -129,7 +130,9 @@ def run_op(inputs, nonlinearity, reverse, dout):
     out = ops.rnn_layer(*inputs, nonlinearity, reverse)
     grads = torch.autograd.grad(out, leaves, dout)
     for name, t in zip(["out"] + GRAD_NAMES, [out, *grads]):
-        assert torch.isfinite(t).all(), f"{name} has {(~torch.isfinite(t)).sum().item()} non-finite elements: unwritten?"
+        assert torch.isfinite(t).all(), (
+            f"{name} has {(~torch.isfinite(t)).sum().item()} non-finite elements: unwritten?"
+        )
     return out, grads
 
 
@@ -174,6 +177,8 @@ def run_python(code, **env):
     `env` added to the environment; returns its stdout, after asserting that it succeeded."""
     path = [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), **env)
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
     return result.stdout

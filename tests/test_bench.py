@@ -1,4 +1,5 @@
 """The layer benchmark runs end to end, writes its results, and refuses wrong numbers."""
+
 import dataclasses
 import json
 import subprocess
@@ -14,8 +15,11 @@ from rnnlm_ext import RNN, benchmark
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     rows = benchmark.main(["--shapes", "3,2,4;2,1,5", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert [(r.nonlinearity, r.T, r.B, r.H, r.pass_) for r in rows] == [
-        (act, *shape, pass_) for act in ("tanh", "relu") for shape in ((3, 2, 4), (2, 1, 5))
-        for pass_ in ("fwd+bwd", "fwd")]
+        (act, *shape, pass_)
+        for act in ("tanh", "relu")
+        for shape in ((3, 2, 4), (2, 1, 5))
+        for pass_ in ("fwd+bwd", "fwd")
+    ]
     for r in rows:
         assert set(r.ms) == {"rnnlm_ext", "nn.RNN", "python loop"}
     # the floor is the FLOPs at the matmul rate: forward+backward three times the forward's
@@ -25,9 +29,10 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert saved["meta"]["threads"] == torch.get_num_threads()
     assert (tmp_path / "rnn_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = rows[0]
-    assert (f"| tanh | fwd+bwd | float32 | 3 | 2 | 4 | {r.ms['rnnlm_ext']:.3f} | {r.ms['nn.RNN']:.3f} "
-            f"| {r.ms['python loop']:.3f} | {r.floor_ms:.3f} | {r.ratio('nn.RNN', 'rnnlm_ext'):.2f}x |"
-            ) in capsys.readouterr().out
+    assert (
+        f"| tanh | fwd+bwd | float32 | 3 | 2 | 4 | {r.ms['rnnlm_ext']:.3f} | {r.ms['nn.RNN']:.3f} "
+        f"| {r.ms['python loop']:.3f} | {r.floor_ms:.3f} | {r.ratio('nn.RNN', 'rnnlm_ext'):.2f}x |"
+    ) in capsys.readouterr().out
 
 
 def test_check_refuses_an_implementation_that_disagrees():
@@ -47,11 +52,14 @@ def test_bad_shapes_flag_is_refused(shapes, capsys):
     assert exit_.value.code == 2 and "--shapes takes 'T,B,H" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dtypes", "foo"], "--dtypes takes a comma-separated list of float32, float64 on cpu"),
-    (["--dtypes", "float16"], "--dtypes takes a comma-separated list of float32, float64 on cpu"),
-    (["--out", "FILE/sub"], "--out: cannot write to the folder"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dtypes", "foo"], "--dtypes takes a comma-separated list of float32, float64 on cpu"),
+        (["--dtypes", "float16"], "--dtypes takes a comma-separated list of float32, float64 on cpu"),
+        (["--out", "FILE/sub"], "--out: cannot write to the folder"),
+    ],
+)
 def test_bad_flags_are_refused_before_timing(args, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     args = [a.replace("FILE", str(tmp_path / "a_file")) for a in args]
@@ -65,10 +73,12 @@ def test_bad_flags_are_refused_before_timing(args, message, tmp_path, capsys):
 @pytest.mark.parametrize("module", ["rnnlm_ext", "rnnlm_ext.benchmark"])
 def test_the_library_imports_without_the_extras_and_without_the_language_model(module):
     """tqdm and matplotlib made unimportable, as where they are not installed (torch copes without them)."""
-    code = ("import sys\n"
-            "sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
-            f"import {module}\n"
-            "print(sorted(m for m in sys.modules if m.startswith('rnnlm_ext.lm')))")
+    code = (
+        "import sys\n"
+        "sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
+        f"import {module}\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rnnlm_ext.lm')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"

@@ -2,10 +2,11 @@
 (per-step and persistent), float16/bfloat16 within PyTorch's own error, the caller's stream.
 Parity, gradients, opcheck and torch.compile run on CUDA, on both paths, in test_op.py and
 test_rnn.py (helpers.DEVICES). Skips where there is no GPU or no CUDA kernels."""
+
 import pytest
 import torch
-
 from helpers import CUDA_MISSING, GRAD_NAMES, OP_SHAPES, TOL, assert_rel_close, make_inputs, run_op
+
 from rnnlm_ext import ops, reference
 
 pytestmark = pytest.mark.skipif(CUDA_MISSING is not None, reason=CUDA_MISSING or "")
@@ -72,6 +73,6 @@ def test_path_choice():
 def test_persistent_path_takes_the_shared_shapes(dtype):
     """The parity tests run the persistent kernel only where cuda_path says it fits: every
     shape of theirs with B <= 64 must, or they would test the per-step path alone."""
-    for T, B, I, H, _ in OP_SHAPES:
+    for _T, B, _I, H, _ in OP_SHAPES:
         if B <= 64:
             assert ops.cuda_path(B, H, dtype, "persistent") == "persistent", (B, H, dtype)

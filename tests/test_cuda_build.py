@@ -4,6 +4,7 @@ Runs .ci/cuda_build_check.sh: a separate venv with the CUDA build of torch, nvcc
 copy of the tree, an import that checks the CUDA kernels are registered for every op. It takes
 minutes, so it runs only when asked: RNNLM_EXT_CUDA_BUILD_CHECK=1.
 """
+
 import os
 import subprocess
 from pathlib import Path

@@ -1,4 +1,5 @@
 """`rnnlm train | generate` end to end on small runs, and bad input reported with the argument's name."""
+
 import json
 import re
 import signal
@@ -25,13 +26,20 @@ def test_train_resume_generate_on_human_numbers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resumed from" in out and "final: valid_loss" in out
     assert [e["epoch"] for e in json.loads((tmp_path / "r.json").read_text())["epochs"]] == [1, 2]
-    assert main(["generate", "--checkpoint", run, "--prompt", "one . two .", "--tokens", "12",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(["generate", "--checkpoint", run, "--prompt", "one . two .", "--tokens", "12", "--temperature", "0"]) == 0
+    )
     words = capsys.readouterr().out.split()
     assert words[:4] == ["one", ".", "two", "."] and len(words) == 16
-    assert set(words) <= set(" . ".join(["one two three four five six seven eight nine ten eleven twelve thirteen",
-                                         "fourteen fifteen sixteen seventeen eighteen nineteen twenty thirty forty",
-                                         "fifty sixty seventy eighty ninety hundred thousand"]).split())
+    assert set(words) <= set(
+        " . ".join(
+            [
+                "one two three four five six seven eight nine ten eleven twelve thirteen",
+                "fourteen fifteen sixteen seventeen eighteen nineteen twenty thirty forty",
+                "fifty sixty seventy eighty ninety hundred thousand",
+            ]
+        ).split()
+    )
 
 
 @pytest.mark.slow
@@ -39,34 +47,76 @@ def test_char_level_text_file_through_the_console_entry(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question.\n" * 40)
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "rnnlm_ext.lm.cli", "train", "--dataset", str(text), "--level", "char",
-                            "--bs", "4", "--bptt", "8", "--model", "shared", *TINY, "--save", str(run)],
-                           capture_output=True, text=True, timeout=120)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnlm_ext.lm.cli",
+            "train",
+            "--dataset",
+            str(text),
+            "--level",
+            "char",
+            "--bs",
+            "4",
+            "--bptt",
+            "8",
+            "--model",
+            "shared",
+            *TINY,
+            "--save",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert train.returncode == 0, train.stderr
-    gen = subprocess.run([sys.executable, "-m", "rnnlm_ext.lm.cli", "generate", "--checkpoint", str(run),
-                          "--prompt", "to be", "--tokens", "20", "--seed", "3"], capture_output=True, text=True)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnlm_ext.lm.cli",
+            "generate",
+            "--checkpoint",
+            str(run),
+            "--prompt",
+            "to be",
+            "--tokens",
+            "20",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert gen.returncode == 0, gen.stderr
     text = gen.stdout.removesuffix("\n")  # print's newline; a generated one stays
     assert text.startswith("to be") and len(text) >= len("to be") + 20, repr(text)  # 20 tokens, >= 1 char each
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dataset", "/no/such/file.txt"], "--dataset: no such file or folder"),
-    (["--dataset", "EMPTY"], "--dataset: corpus .* is empty"),
-    (["--bptt", "0"], "--bptt must be >= 1"),
-    (["--bs", "30000"], "--bs 30000 is too large for the train stream"),
-    (["--resume", "CORRUPT"], "--resume: .* is not a readable checkpoint"),
-    (["--hidden", "0"], "--hidden must be >= 1, got 0"),
-    (["--save-every", "-1"], "--save-every must be >= 0"),
-    (["--model", "lmmodel4", "--tie-weights"], "--tie-weights needs --model rnn or shared"),
-    (["--lr", "1e12", "--clip", "0"], "new run with a lower --lr or a smaller --clip \\(--resume keeps"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "/no/such/file.txt"], "--dataset: no such file or folder"),
+        (["--dataset", "EMPTY"], "--dataset: corpus .* is empty"),
+        (["--bptt", "0"], "--bptt must be >= 1"),
+        (["--bs", "30000"], "--bs 30000 is too large for the train stream"),
+        (["--resume", "CORRUPT"], "--resume: .* is not a readable checkpoint"),
+        (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+        (["--save-every", "-1"], "--save-every must be >= 0"),
+        (["--model", "lmmodel4", "--tie-weights"], "--tie-weights needs --model rnn or shared"),
+        (["--lr", "1e12", "--clip", "0"], "new run with a lower --lr or a smaller --clip \\(--resume keeps"),
+    ],
+)
 def test_train_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "checkpoint.pt").write_bytes(b"\x00garbage")
-    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "corrupt") if a == "CORRUPT" else a
-            for a in args]
+    args = [
+        str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "corrupt") if a == "CORRUPT" else a
+        for a in args
+    ]
     assert main(["train", *TINY, *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("rnnlm train: error: ")
@@ -101,9 +151,26 @@ def test_resume_names_the_flags_it_would_ignore(tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_stops_at_a_batch_boundary_checkpointed_and_exits_130(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "rnnlm_ext.lm.cli", "train", "--hidden", "16", "--layers", "1",
-                             "--epochs", "200", "--no-progress", "--save", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rnnlm_ext.lm.cli",
+            "train",
+            "--hidden",
+            "16",
+            "--layers",
+            "1",
+            "--epochs",
+            "200",
+            "--no-progress",
+            "--save",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:  # training has started once the first epoch's row is out
         if line.split()[:1] == ["1"]:
             break
@@ -130,19 +197,55 @@ def test_train_help_has_a_flag_with_its_default_for_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     options = " ".join(capsys.readouterr().out.split("options:")[1].split())
-    for flag, default in [("--hidden HIDDEN_SIZE", "(default: 256)"), ("--dropout DROPOUT", "(default: 0.0)"),
-                          ("--save-every STEPS", "(default: 0)"), ("--lr LR", "(default: 0.003)")]:
-        assert default in options[options.index(flag):].split(" --")[0], flag
+    for flag, default in [
+        ("--hidden HIDDEN_SIZE", "(default: 256)"),
+        ("--dropout DROPOUT", "(default: 0.0)"),
+        ("--save-every STEPS", "(default: 0)"),
+        ("--lr LR", "(default: 0.003)"),
+    ]:
+        assert default in options[options.index(flag) :].split(" --")[0], flag
     assert "--progress, --no-progress" in options and "--tie-weights" in options
 
 
 def test_flags_reach_the_settings_they_name(tmp_path):
     out = tmp_path / "r.json"
-    assert main(["train", "--hidden", "8", "--layers", "1", "--epochs", "1", "--stop-after", "2", "--no-progress",
-                 "--max-vocab", "100", "--save-every", "1", "--tie-weights", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--hidden",
+                "8",
+                "--layers",
+                "1",
+                "--epochs",
+                "1",
+                "--stop-after",
+                "2",
+                "--no-progress",
+                "--max-vocab",
+                "100",
+                "--save-every",
+                "1",
+                "--tie-weights",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     config = json.loads(out.read_text())["config"]
-    expected = {**vars(TrainConfig()), "hidden_size": 8, "layers": 1, "epochs": 1, "stop_after": 2, "progress": False,
-                "max_vocab": 100, "save_every": 1, "tie_weights": True, "json": str(out)}
+    expected = {
+        **vars(TrainConfig()),
+        "hidden_size": 8,
+        "layers": 1,
+        "epochs": 1,
+        "stop_after": 2,
+        "progress": False,
+        "max_vocab": 100,
+        "save_every": 1,
+        "tie_weights": True,
+        "json": str(out),
+    }
     assert config == expected
 
 

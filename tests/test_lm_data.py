@@ -1,4 +1,5 @@
 """rnnlm_ext.lm.data: Human Numbers exactly as fastai ships it, text corpora, vocabulary, in-order batching."""
+
 import pytest
 import torch
 

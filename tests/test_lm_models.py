@@ -1,13 +1,14 @@
 """TBPTT semantics of the stateful models: carried state, detach, flat graph, reset, fused == nn.RNN."""
+
 import functools
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rel_close
 from torch import nn
 
-from helpers import assert_rel_close
 from rnnlm_ext import ops, reference
 from rnnlm_ext.lm import models
 from rnnlm_ext.rnn import RNN
@@ -24,8 +25,12 @@ def _stateful(name, dtype=torch.float64, **kw):
     return model.to(dtype)
 
 
-STATEFUL = [("rnn", {"num_layers": 2, "nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
-            ("shared", {"num_layers": 2}), ("lmmodel4", {})]
+STATEFUL = [
+    ("rnn", {"num_layers": 2, "nonlinearity": "tanh"}),
+    ("rnn", {"nonlinearity": "relu"}),
+    ("shared", {"num_layers": 2}),
+    ("lmmodel4", {}),
+]
 
 
 @pytest.mark.parametrize("name,kw", STATEFUL)

@@ -1,4 +1,5 @@
 """Training: determinism, exact resume, atomic checkpoints, the non-finite-loss stop, DDP with two processes."""
+
 import json
 import math
 import os
@@ -12,8 +13,17 @@ import torch
 
 from rnnlm_ext._files import atomic_write
 from rnnlm_ext.lm import data
-from rnnlm_ext.lm.train import (CHECKPOINT, RUN_FIELDS, SettingError, TrainConfig, TrainingError, _atomic_save,
-                                 _perplexity, load_checkpoint, train)
+from rnnlm_ext.lm.train import (
+    CHECKPOINT,
+    RUN_FIELDS,
+    SettingError,
+    TrainConfig,
+    TrainingError,
+    _atomic_save,
+    _perplexity,
+    load_checkpoint,
+    train,
+)
 
 # Small enough for a second or two: Human Numbers, 50 batches of 64 x 16 per epoch.
 SMALL = dict(hidden_size=16, layers=2, dropout=0.2, epochs=2, progress=False)
@@ -75,16 +85,27 @@ def test_corrupt_and_missing_checkpoints_are_reported(tmp_path):
         train(TrainConfig(resume=str(tmp_path / "nowhere")), log=quiet)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("bptt", 0, "bptt must be >= 1"), ("bs", 40000, "bs 40000 is too large"), ("hidden_size", 0, "hidden_size must"),
-    ("dropout", 1.0, "dropout must be in"), ("lr", 0.0, "lr must be a finite number > 0"),
-    ("lr", math.inf, "lr must be a finite number > 0"), ("lr", math.nan, "lr must be a finite number > 0"),
-    ("clip", -1.0, "clip must be a finite number >= 0"), ("clip", math.nan, "clip must be a finite number >= 0"),
-    ("wd", -1.0, "wd must be a finite number >= 0"), ("save_every", -1, "save_every must be >= 0"),
-    ("stop_after", 0, "stop_after must be >= 1"), ("min_freq", 0, "min_freq must be >= 1"),
-    ("max_vocab", 0, "max_vocab must be >= 1"), ("nonlinearity", "gelu", "nonlinearity must be relu or tanh"),
-    ("tie_weights", True, "tie_weights needs model rnn or shared"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("bptt", 0, "bptt must be >= 1"),
+        ("bs", 40000, "bs 40000 is too large"),
+        ("hidden_size", 0, "hidden_size must"),
+        ("dropout", 1.0, "dropout must be in"),
+        ("lr", 0.0, "lr must be a finite number > 0"),
+        ("lr", math.inf, "lr must be a finite number > 0"),
+        ("lr", math.nan, "lr must be a finite number > 0"),
+        ("clip", -1.0, "clip must be a finite number >= 0"),
+        ("clip", math.nan, "clip must be a finite number >= 0"),
+        ("wd", -1.0, "wd must be a finite number >= 0"),
+        ("save_every", -1, "save_every must be >= 0"),
+        ("stop_after", 0, "stop_after must be >= 1"),
+        ("min_freq", 0, "min_freq must be >= 1"),
+        ("max_vocab", 0, "max_vocab must be >= 1"),
+        ("nonlinearity", "gelu", "nonlinearity must be relu or tanh"),
+        ("tie_weights", True, "tie_weights needs model rnn or shared"),
+    ],
+)
 def test_bad_settings_name_the_parameter(field, value, message):
     settings = {**SMALL, field: value, **({"model": "lmmodel4"} if field == "tie_weights" else {})}
     with pytest.raises(SettingError, match="^" + message) as err:
@@ -180,9 +201,28 @@ def _free_port() -> int:
 def test_two_processes_stay_in_sync(tmp_path):
     """torchrun, two gloo processes, each on its own rows; train() checks every epoch that the weights agree."""
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "rnnlm_ext.lm.cli", "train", "--hidden", "16", "--layers", "1", "--epochs", "2", "--bs", "16",
-           "--save", str(tmp_path / "run"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "rnnlm_ext.lm.cli",
+        "train",
+        "--hidden",
+        "16",
+        "--layers",
+        "1",
+        "--epochs",
+        "2",
+        "--bs",
+        "16",
+        "--save",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -222,8 +262,12 @@ def test_lmmodel1_with_a_valid_stream_too_short_for_one_batch_is_a_clear_error(t
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["a", "b", "c", "d"] * 25))  # 101 tokens: 20 valid, rows of 2 at --bs 8
     with pytest.raises(SettingError, match="bptt 3 is longer than a valid row"):
-        train(TrainConfig(dataset=str(text), model="lmmodel1", bptt=3, bs=8, hidden_size=8, layers=1, epochs=1,
-                          progress=False), log=quiet)
+        train(
+            TrainConfig(
+                dataset=str(text), model="lmmodel1", bptt=3, bs=8, hidden_size=8, layers=1, epochs=1, progress=False
+            ),
+            log=quiet,
+        )
 
 
 def test_train_flushes_denormals_itself():

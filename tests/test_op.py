@@ -1,12 +1,12 @@
 """The fused op itself on every device: parity with the reference and with nn.RNN, gradients,
 registration, argument checks; on the CPU also threads, the workspace and memory."""
+
 import gc
 import os
 import threading
 
 import pytest
 import torch
-
 from helpers import (
     DEVICES,
     OP_SHAPES,
@@ -21,6 +21,7 @@ from helpers import (
     poison_cuda_cache,
     run_python,
 )
+
 from rnnlm_ext import ops, reference
 
 

@@ -1,13 +1,14 @@
 """rnnlm_ext.RNN as a drop-in for torch.nn.RNN: outputs, gradients, state_dict, API, errors."""
+
 import random
 import time
 
 import pytest
 import torch
+from helpers import DEVICES, TOL, assert_rel_close, run_python
 from torch import nn
 
-from helpers import DEVICES, TOL, assert_rel_close, run_python
-from rnnlm_ext import RNN, ops, reference
+from rnnlm_ext import RNN, ops
 
 
 def make_pair(I, H, device="cpu", dtype=torch.float64, **kwargs):
@@ -97,7 +98,11 @@ def test_zero_batch_gives_empty_outputs_as_nn_rnn_does(device, batch_first, with
     torch.manual_seed(0)
     ours, theirs = make_pair(4, 6, device, batch_first=batch_first, **kwargs)
     x = torch.randn((0, 5, 4) if batch_first else (5, 0, 4), dtype=torch.float64, device=device)
-    h0 = torch.randn(ours.num_layers * ours.num_directions, 0, 6, dtype=torch.float64, device=device) if with_h0 else None
+    h0 = (
+        torch.randn(ours.num_layers * ours.num_directions, 0, 6, dtype=torch.float64, device=device)
+        if with_h0
+        else None
+    )
     compare(ours, theirs, x, h0, TOL[torch.float64])
     out, h_n = ours(x, h0)
     assert out.shape == x.shape[:2] + (6 * ours.num_directions,)
@@ -134,8 +139,19 @@ def test_same_constructor_parameters_and_initialisation():
     assert list(ours_params) == list(their_params)
     for name, p in their_params.items():
         assert torch.equal(ours_params[name], p), name
-    assert [[p.shape for p in layer] for layer in ours.all_weights] == [[p.shape for p in layer] for layer in theirs.all_weights]
-    for attr in ("input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first", "dropout", "bidirectional"):
+    assert [[p.shape for p in layer] for layer in ours.all_weights] == [
+        [p.shape for p in layer] for layer in theirs.all_weights
+    ]
+    for attr in (
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "nonlinearity",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+    ):
         assert getattr(ours, attr) == getattr(theirs, attr), attr
 
 
@@ -262,7 +278,9 @@ BAD_INPUTS = [
     _case(lambda m: m(X), r"weight_ih_l0 must have shape \(6, 4\), got \(6, 5\)", "weight_ih_l0", weight_ih_l0=(6, 5)),
     _case(lambda m: m(X), r"weight_ih_l1 must have shape \(6, 6\), got \(6, 4\)", "weight_ih_l1", weight_ih_l1=(6, 4)),
     _case(lambda m: m(X), r"bias_hh_l1 must have shape \(6,\), got \(5,\)", "bias_hh_l1", bias_hh_l1=(5,)),
-    _case(lambda m: m(X), "weight_hh_l1 has dtype torch.float64", "weight dtype", weight_hh_l1=torch.randn(6, 6).double()),
+    _case(
+        lambda m: m(X), "weight_hh_l1 has dtype torch.float64", "weight dtype", weight_hh_l1=torch.randn(6, 6).double()
+    ),
     _case(lambda m: m(X), "weight_hh_l1 is on meta", "weight device", weight_hh_l1=torch.randn(6, 6, device="meta")),
     # batch_first: the shapes the user passed, [B,T,I], not the [T,B,I] the layers see
     _case(lambda m: m(torch.randn(3, 5, 7)), r"got shape \(3, 5, 7\)", "batch_first input_size", batch_first=True),
@@ -399,12 +417,16 @@ def draw_fuzz_case(rng):
     """One configuration of the fuzz: sizes 1 to 70, every constructor flag, with or without
     h0, unbatched input now and then, contiguous or not, upstream gradients on output, h_n or
     both; dropout in training mode (both modules draw the same masks from one seed)."""
+
     def size():  # 1 to 70, log-uniform: small and odd sizes often, and the cost stays low
         return round(70 ** rng.random())
 
     T, B, I, H, num_layers = size(), size(), size(), size(), rng.randint(1, 3)
     return dict(
-        T=T, B=B, I=I, H=H,
+        T=T,
+        B=B,
+        I=I,
+        H=H,
         num_layers=num_layers,
         nonlinearity=rng.choice(["tanh", "relu"]),
         bias=rng.random() < 0.5,
@@ -482,4 +504,6 @@ def test_fuzzed_parity_with_torch_nn_rnn(num_threads):
         assert a.keys() == b.keys()
         failures += [f"case {index} {case}, {threads} threads: {m}" for m in fuzz_mismatches(a, b)]
     elapsed = time.perf_counter() - start
-    assert not failures, f"{len(failures)} tensors differ in {CASES} cases ({elapsed:.0f} s):\n" + "\n".join(failures[:20])
+    assert not failures, f"{len(failures)} tensors differ in {CASES} cases ({elapsed:.0f} s):\n" + "\n".join(
+        failures[:20]
+    )

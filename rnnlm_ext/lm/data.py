@@ -3,14 +3,15 @@ in-order batching.
 
 Dimension letters: N tokens in a stream, B rows (the batch size), L tokens per row, T = bptt.
 """
+
 from __future__ import annotations
 
 import collections
 import hashlib
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -21,8 +22,10 @@ from rnnlm_ext.lm.errors import SettingError
 UNK = "<unk>"
 EOS = "<eos>"  # separates documents (and, at word level, lines)
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -45,7 +48,7 @@ def number_words(n: int) -> str:
     return " ".join(words)
 
 
-def human_numbers() -> List[str]:
+def human_numbers() -> list[str]:
     """The 9,998 lines of fastai's Human Numbers (train.txt then valid.txt), stripped.
 
     fastai ships 1...7999 in train.txt and 8001...9999 in valid.txt (8000 is in neither).
@@ -54,7 +57,7 @@ def human_numbers() -> List[str]:
     return [number_words(n) for n in [*range(1, 8000), *range(8001, 10000)]]
 
 
-def human_numbers_tokens() -> List[str]:
+def human_numbers_tokens() -> list[str]:
     """Fastbook's token stream: the lines joined with ' . ', split on spaces."""
     return " . ".join(human_numbers()).split(" ")
 
@@ -82,7 +85,9 @@ def tiny_shakespeare() -> str:
             raise SettingError(
                 f"dataset: {path!r} is not char-rnn's tiny-shakespeare (SHA-256 {digest}, expected "
                 f"{TINY_SHAKESPEARE_SHA256}): delete it to download it again, or point RNNLM_EXT_DATA at a folder "
-                f"that holds the right {TINY_SHAKESPEARE_FILE}", "dataset")
+                f"that holds the right {TINY_SHAKESPEARE_FILE}",
+                "dataset",
+            )
         return path
     import urllib.request  # only here: importing the data module stays light
 
@@ -94,41 +99,46 @@ def tiny_shakespeare() -> str:
         raise SettingError(
             f"dataset: tiny-shakespeare is not in {folder!r} and could not be downloaded from "
             f"{TINY_SHAKESPEARE_URL} ({err}); put that file there as {TINY_SHAKESPEARE_FILE}, or point "
-            "RNNLM_EXT_DATA at a folder that holds it", "dataset") from None
+            "RNNLM_EXT_DATA at a folder that holds it",
+            "dataset",
+        ) from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != TINY_SHAKESPEARE_SHA256:
         raise SettingError(
             f"dataset: the file downloaded from {TINY_SHAKESPEARE_URL} is not char-rnn's tiny-shakespeare "
-            f"(SHA-256 {digest}, expected {TINY_SHAKESPEARE_SHA256}); it was not kept", "dataset")
+            f"(SHA-256 {digest}, expected {TINY_SHAKESPEARE_SHA256}); it was not kept",
+            "dataset",
+        )
     try:
         os.makedirs(folder, exist_ok=True)
         atomic_write(path, lambda f: f.write(raw))
     except OSError as err:
-        raise SettingError(f"dataset: cannot keep tiny-shakespeare in {folder!r} ({err.strerror}); point "
-                           "RNNLM_EXT_DATA at a folder that can take it", "dataset") from None
+        raise SettingError(
+            f"dataset: cannot keep tiny-shakespeare in {folder!r} ({err.strerror}); point "
+            "RNNLM_EXT_DATA at a folder that can take it",
+            "dataset",
+        ) from None
     return path
 
 
-def tokenize(text: str, level: str) -> List[str]:
+def tokenize(text: str, level: str) -> list[str]:
     """One document -> tokens. word: whitespace-split, each line ended by EOS. char: its characters."""
     if level == "char":
         return list(text)
     if level == "word":
-        tokens: List[str] = []
+        tokens: list[str] = []
         for line in text.splitlines():
             tokens += line.split() + [EOS]
         return tokens
     raise ValueError(f"level must be 'word' or 'char', got {level!r}")
 
 
-def _read_documents(path: str) -> List[str]:
+def _read_documents(path: str) -> list[str]:
     """A file -> one document; a folder -> its .txt files (recursively, sorted), one document each."""
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".txt")
-        )
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".txt"))
         if not files:
             raise SettingError(f"dataset: folder {path!r} holds no .txt files", "dataset")
     else:
@@ -143,9 +153,9 @@ def _read_documents(path: str) -> List[str]:
     return docs
 
 
-def text_tokens(path: str, level: str) -> List[str]:
+def text_tokens(path: str, level: str) -> list[str]:
     """A file or a folder of .txt files -> one token stream, documents separated by EOS."""
-    stream: List[str] = []
+    stream: list[str] = []
     for i, doc in enumerate(_read_documents(path)):
         tokens = tokenize(doc, level)
         # word level ends every line with EOS already; char level needs the separator added
@@ -171,8 +181,7 @@ class Vocab:
         self.stoi = {s: i for i, s in enumerate(self.itos)}
 
     @classmethod
-    def build(cls, tokens: Sequence[str], min_freq: int = 1, max_size: Optional[int] = None,
-              unk: bool = True) -> "Vocab":
+    def build(cls, tokens: Sequence[str], min_freq: int = 1, max_size: int | None = None, unk: bool = True) -> Vocab:
         if min_freq < 1:
             raise SettingError(f"min_freq must be >= 1, got {min_freq}", "min_freq")
         counts = collections.Counter(tokens)
@@ -200,14 +209,14 @@ class Vocab:
             raise KeyError(f"token {missing[0]!r} is not in the vocabulary")
         return torch.tensor([self.stoi[t] for t in tokens], dtype=torch.long)
 
-    def decode(self, ids) -> List[str]:
+    def decode(self, ids) -> list[str]:
         return [self.itos[int(i)] for i in ids]
 
     def state_dict(self) -> dict:
         return {"itos": self.itos, "unk": self.unk}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "Vocab":
+    def from_state_dict(cls, state: dict) -> Vocab:
         return cls(state["itos"], state["unk"])
 
 
@@ -221,13 +230,13 @@ class Corpus:
     level: str
 
 
-def split_stream(ids: Tensor, valid_pct: float = 0.2) -> Tuple[Tensor, Tensor]:
+def split_stream(ids: Tensor, valid_pct: float = 0.2) -> tuple[Tensor, Tensor]:
     """Fastbook's split: the first (1 - valid_pct) of the stream trains, the rest validates."""
     cut = int(len(ids) * (1 - valid_pct))
     return ids[:cut], ids[cut:]
 
 
-def _own_split(path: str) -> Optional[Tuple[str, str]]:
+def _own_split(path: str) -> tuple[str, str] | None:
     """A folder with train and valid parts (train.txt/valid.txt or train/ and valid/) has its own split."""
     if not os.path.isdir(path):
         return None
@@ -238,9 +247,14 @@ def _own_split(path: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def load_corpus(dataset: str = "human-numbers", level: str = "word", min_freq: int = 1,
-                max_size: Optional[int] = None, vocab: Optional[Vocab] = None,
-                valid_pct: float = 0.2) -> Corpus:
+def load_corpus(
+    dataset: str = "human-numbers",
+    level: str = "word",
+    min_freq: int = 1,
+    max_size: int | None = None,
+    vocab: Vocab | None = None,
+    valid_pct: float = 0.2,
+) -> Corpus:
     """'human-numbers', 'tiny-shakespeare' (tiny_shakespeare()) or a path -> Corpus. A given vocab (from a
     checkpoint) is reused as is."""
     if dataset == "tiny-shakespeare":
@@ -285,7 +299,7 @@ def num_batches(rows: Tensor, bptt: int, drop_last: bool = False) -> int:
     return n // bptt if drop_last else -(-n // bptt)
 
 
-def batches(rows: Tensor, bptt: int, start: int = 0, drop_last: bool = False) -> Iterator[Tuple[Tensor, Tensor]]:
+def batches(rows: Tensor, bptt: int, start: int = 0, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """In-order batches (x, y), each [B, T]: batch k is columns k*bptt.. of every row, y = x shifted by one.
 
     Row j of batch k+1 continues row j of batch k, so a model may carry its hidden state across.

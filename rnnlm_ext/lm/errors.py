@@ -3,6 +3,7 @@
 Both name the library's parameters (`lr`, `save`); `names` lists those a message mentions, so
 that the command line can write them as its flags (`--lr`, `--save`).
 """
+
 from __future__ import annotations
 
 

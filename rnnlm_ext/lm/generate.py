@@ -1,4 +1,5 @@
 """Sampling text from a trained language model, one token at a time."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,9 @@ from rnnlm_ext.lm.errors import SettingError
 
 
 @torch.no_grad()
-def generate(model: nn.Module, vocab: data.Vocab, level: str, prompt: str, n_tokens: int,
-             temperature: float = 1.0, seed: int = 0) -> str:
+def generate(
+    model: nn.Module, vocab: data.Vocab, level: str, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0
+) -> str:
     """The prompt followed by n_tokens sampled one at a time, the hidden state carried through the prompt.
 
     Stateful models read the prompt once and then one token per step; the stateless ones
@@ -22,7 +24,8 @@ def generate(model: nn.Module, vocab: data.Vocab, level: str, prompt: str, n_tok
         raise SettingError(f"n_tokens must be >= 0, got {n_tokens}", "n_tokens")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise SettingError(
-            f"temperature must be a finite number >= 0 (0: the most likely token), got {temperature}", "temperature")
+            f"temperature must be a finite number >= 0 (0: the most likely token), got {temperature}", "temperature"
+        )
     tokens = list(prompt) if level == "char" else prompt.split()
     if not tokens:
         raise SettingError("prompt must hold at least one token", "prompt")
@@ -45,6 +48,6 @@ def generate(model: nn.Module, vocab: data.Vocab, level: str, prompt: str, n_tok
             next_id = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
         out.append(next_id)
         ids = torch.cat([ids, torch.tensor([next_id])])
-        x = ids[None, -1:] if stateful else ids[None, -x.shape[1]:]
+        x = ids[None, -1:] if stateful else ids[None, -x.shape[1] :]
     sep = "" if level == "char" else " "
     return sep.join(tokens + vocab.decode(out))

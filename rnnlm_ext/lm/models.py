@@ -8,9 +8,8 @@ the previous one), detach it after every call, and start again from zeros after 
 the batch size changes. The last batch of an epoch is shorter in time, never in rows, so the
 state carries through it; a new batch size only comes with a new stream (validation, generation).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,7 @@ class LMModel3(LMModel2):
 
     def __init__(self, vocab_sz: int, hidden_size: int):
         super().__init__(vocab_sz, hidden_size)
-        self.h: Optional[Tensor] = None  # [B,H]
+        self.h: Tensor | None = None  # [B,H]
 
     def reset(self) -> None:
         self.h = None
@@ -100,12 +99,18 @@ class SharedWeightRNN(nn.Module):
     rnnlm_ext.RNN's.
     """
 
-    def __init__(self, hidden_size: int, num_layers: int = 1, nonlinearity: str = "relu", dropout: float = 0.0,
-                 impl: str = "fused"):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "relu",
+        dropout: float = 0.0,
+        impl: str = "fused",
+    ):
         super().__init__()
         if impl not in LAYER_IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, LAYER_IMPLS))}, got {impl!r}")
-        bound = hidden_size ** -0.5  # nn.Linear's initialisation, as LMModel4's h_h has
+        bound = hidden_size**-0.5  # nn.Linear's initialisation, as LMModel4's h_h has
         self.weight = nn.ParameterList(
             nn.Parameter(torch.empty(hidden_size, hidden_size).uniform_(-bound, bound)) for _ in range(num_layers)
         )
@@ -137,13 +142,23 @@ class RNNLM(nn.Module):
 
     predicts_all = True
 
-    def __init__(self, vocab_sz: int, hidden_size: int = 64, num_layers: int = 1, nonlinearity: str = "relu",
-                 dropout: float = 0.0, tie_weights: bool = False, cell: str = "rnn", rnn_cls=RNN):
+    def __init__(
+        self,
+        vocab_sz: int,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        nonlinearity: str = "relu",
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+        cell: str = "rnn",
+        rnn_cls=RNN,
+    ):
         super().__init__()
         self.i_h = nn.Embedding(vocab_sz, hidden_size)
         if cell == "rnn":
-            self.rnn = rnn_cls(hidden_size, hidden_size, num_layers, nonlinearity,
-                               dropout=dropout if num_layers > 1 else 0.0)
+            self.rnn = rnn_cls(
+                hidden_size, hidden_size, num_layers, nonlinearity, dropout=dropout if num_layers > 1 else 0.0
+            )
         elif cell == "shared":
             self.rnn = SharedWeightRNN(hidden_size, num_layers, nonlinearity, dropout)
         else:
@@ -155,7 +170,7 @@ class RNNLM(nn.Module):
             # N(0,1) embeddings, now also output weights, would start with huge logits
             nn.init.uniform_(self.i_h.weight, -0.1, 0.1)
         self.num_layers, self.hidden_size = num_layers, hidden_size
-        self.h: Optional[Tensor] = None  # [L,B,H]
+        self.h: Tensor | None = None  # [L,B,H]
 
     def reset(self) -> None:
         self.h = None
@@ -174,8 +189,16 @@ MODELS = ("rnn", "shared", "lmmodel1", "lmmodel2", "lmmodel3", "lmmodel4")
 FASTBOOK_MODELS = {"lmmodel1": LMModel1, "lmmodel2": LMModel2, "lmmodel3": LMModel3, "lmmodel4": LMModel4}
 
 
-def build_model(name: str, vocab_sz: int, hidden_size: int = 64, num_layers: int = 1, nonlinearity: str = "relu",
-                dropout: float = 0.0, tie_weights: bool = False, rnn_cls=RNN) -> nn.Module:
+def build_model(
+    name: str,
+    vocab_sz: int,
+    hidden_size: int = 64,
+    num_layers: int = 1,
+    nonlinearity: str = "relu",
+    dropout: float = 0.0,
+    tie_weights: bool = False,
+    rnn_cls=RNN,
+) -> nn.Module:
     """A model by its CLI name: 'rnn' and 'shared' are RNNLM cells, 'lmmodel1'..'lmmodel4' fastbook's."""
     if name in ("rnn", "shared"):
         return RNNLM(vocab_sz, hidden_size, num_layers, nonlinearity, dropout, tie_weights, cell=name, rnn_cls=rnn_cls)

@@ -5,6 +5,7 @@ One epoch reads every train row left to right in bptt chunks; the model carries 
 state from chunk to chunk (detached) and starts from zeros at the start of every epoch and
 before validation. Under torchrun, each process reads its own B rows of the stream.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ import re
 import signal
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,16 +48,24 @@ def _setting(default, help: str, **cli):
 
 @dataclass
 class TrainConfig:
-    dataset: str = _setting("human-numbers", "'human-numbers', 'tiny-shakespeare' (downloaded once into "
-                            "$RNNLM_EXT_DATA, else ~/.cache/rnnlm_ext), or a text file or folder of .txt files")
+    dataset: str = _setting(
+        "human-numbers",
+        "'human-numbers', 'tiny-shakespeare' (downloaded once into "
+        "$RNNLM_EXT_DATA, else ~/.cache/rnnlm_ext), or a text file or folder of .txt files",
+    )
     level: str = _setting("word", "tokens: words or characters", choices=["word", "char"])
     min_freq: int = _setting(1, "rarer tokens become <unk> (text data sets; human-numbers keeps its whole vocabulary)")
-    max_vocab: Optional[int] = _setting(
-        None, "keep this many most frequent tokens, plus <unk> (text data sets, as --min-freq)")
-    model: str = _setting("rnn", "rnn: RNNLM on --rnn; shared: LMModel4's shared-weight cell on the fused "
-                          "layer; lmmodel1-4: fastbook's", choices=list(models.MODELS))
-    rnn: str = _setting("fused", "recurrent layer of --model rnn: fused (rnnlm_ext.RNN) or torch (nn.RNN)",
-                        choices=sorted(RNN_CLASSES))
+    max_vocab: int | None = _setting(
+        None, "keep this many most frequent tokens, plus <unk> (text data sets, as --min-freq)"
+    )
+    model: str = _setting(
+        "rnn",
+        "rnn: RNNLM on --rnn; shared: LMModel4's shared-weight cell on the fused layer; lmmodel1-4: fastbook's",
+        choices=list(models.MODELS),
+    )
+    rnn: str = _setting(
+        "fused", "recurrent layer of --model rnn: fused (rnnlm_ext.RNN) or torch (nn.RNN)", choices=sorted(RNN_CLASSES)
+    )
     layers: int = _setting(2, "recurrent layers")
     hidden_size: int = _setting(256, "hidden units per layer (also the embedding size)", flag="--hidden")
     nonlinearity: str = _setting("relu", "the recurrent activation", choices=list(NONLINEARITIES))
@@ -69,21 +78,26 @@ class TrainConfig:
     wd: float = _setting(0.01, "AdamW's decoupled weight decay")
     clip: float = _setting(1.0, "max gradient norm (0: off)")
     seed: int = _setting(42, "seed of the weights, dropout and sampling")
-    save: Optional[str] = _setting(None, "write DIR/checkpoint.pt (atomically) after every epoch", metavar="DIR")
-    save_every: int = _setting(0, "also checkpoint every STEPS steps (0: at the end of each epoch only)",
-                               metavar="STEPS")
-    stop_after: Optional[int] = _setting(
-        None, "stop after STEPS steps in all (checkpointed with --save)", metavar="STEPS")
-    resume: Optional[str] = _setting(
-        None, "continue the run checkpointed in DIR exactly, with its settings (a flag that would change one is "
-        "an error)", metavar="DIR")
-    json: Optional[str] = _setting(None, "write per-epoch metrics and final results as JSON", metavar="PATH")
-    progress: Optional[bool] = _setting(None, "a progress bar per epoch (needs tqdm; unset: on a terminal only)")
+    save: str | None = _setting(None, "write DIR/checkpoint.pt (atomically) after every epoch", metavar="DIR")
+    save_every: int = _setting(
+        0, "also checkpoint every STEPS steps (0: at the end of each epoch only)", metavar="STEPS"
+    )
+    stop_after: int | None = _setting(None, "stop after STEPS steps in all (checkpointed with --save)", metavar="STEPS")
+    resume: str | None = _setting(
+        None,
+        "continue the run checkpointed in DIR exactly, with its settings (a flag that would change one is an error)",
+        metavar="DIR",
+    )
+    json: str | None = _setting(None, "write per-epoch metrics and final results as JSON", metavar="PATH")
+    progress: bool | None = _setting(None, "a progress bar per epoch (needs tqdm; unset: on a terminal only)")
 
 
 # Settings that define a run; on resume they come from the checkpoint, the rest from the caller.
-RUN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
-              if f.name not in ("save", "save_every", "stop_after", "resume", "json", "progress")]
+RUN_FIELDS = [
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.name not in ("save", "save_every", "stop_after", "resume", "json", "progress")
+]
 CHECKPOINT_KEYS = ["config", "vocab", "model"]  # what generate needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ["optimizer", "scheduler", "epoch", "batch", "hidden_state", "per_rank", "history", "world_size"]
 
@@ -96,8 +110,9 @@ def _check(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise SettingError(f"{name} must be >= 1, got {getattr(cfg, name)}", name)
     if cfg.save_every < 0:
-        raise SettingError(f"save_every must be >= 0 (0: at the end of each epoch only), got {cfg.save_every}",
-                           "save_every")
+        raise SettingError(
+            f"save_every must be >= 0 (0: at the end of each epoch only), got {cfg.save_every}", "save_every"
+        )
     if not 0 <= cfg.dropout < 1:
         raise SettingError(f"dropout must be in [0, 1), got {cfg.dropout}", "dropout")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -160,7 +175,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce_sum(values: List[float]) -> List[float]:
+def _all_reduce_sum(values: list[float]) -> list[float]:
     if not _distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64)
@@ -168,7 +183,7 @@ def _all_reduce_sum(values: List[float]) -> List[float]:
     return t.tolist()
 
 
-def _gather_rows(h: Optional[Tensor]) -> Optional[Tensor]:
+def _gather_rows(h: Tensor | None) -> Tensor | None:
     """Every process's hidden state joined along its batch dimension ([B,H] or [L,B,H]) -> all rows."""
     if h is None or not _distributed():
         return h
@@ -207,8 +222,11 @@ def _atomic_save(obj, folder: str) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     payload = buffer.getvalue()
-    sealed = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-              "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}  # uint8: no byte order to damage
+    sealed = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }  # uint8: no byte order to damage
     atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(sealed, f))
 
 
@@ -224,7 +242,9 @@ def _safe_load(source, path: str, name: str):
         raise SettingError(
             f"{name}: {path!r} holds more than tensors, numbers, strings and containers ({refused.group(1)}); "
             "loading that could run code from the file, so it is refused (`rnnlm train --save` writes nothing "
-            "else: use files from a source you trust).", name) from None
+            "else: use files from a source you trust).",
+            name,
+        ) from None
     except Exception as err:  # torch raises several types for a truncated or foreign file
         raise SettingError(f"{name}: {path!r} is not a readable checkpoint ({err})", name) from None
 
@@ -233,19 +253,29 @@ def _unseal(sealed, path: str, name: str):
     """The payload of a checkpoint written by _atomic_save, once its SHA-256 matches; an older
     checkpoint (the payload itself, without a checksum) is returned as it is, with a warning."""
     if not (isinstance(sealed, dict) and "format" in sealed):
-        warnings.warn(CheckpointWarning(
-            f"{name}: {path!r} has no checksum (an older rnnlm_ext wrote it), so it cannot be checked for damage; "
-            "it is used as it is (its tensors must still be finite), and the next save adds a checksum.", name),
-            stacklevel=3)
+        warnings.warn(
+            CheckpointWarning(
+                f"{name}: {path!r} has no checksum (an older rnnlm_ext wrote it), so it cannot be checked for damage; "
+                "it is used as it is (its tensors must still be finite), and the next save adds a checksum.",
+                name,
+            ),
+            stacklevel=3,
+        )
         return sealed
     payload, digest = sealed.get("payload"), sealed.get("sha256")
     if sealed["format"] != CHECKPOINT_FORMAT or not isinstance(payload, Tensor) or payload.dtype != torch.uint8:
-        raise SettingError(f"{name}: {path!r} is not a checkpoint of this version of rnnlm train "
-                           f"(format {sealed['format']!r}, expected {CHECKPOINT_FORMAT!r})", name)
+        raise SettingError(
+            f"{name}: {path!r} is not a checkpoint of this version of rnnlm train "
+            f"(format {sealed['format']!r}, expected {CHECKPOINT_FORMAT!r})",
+            name,
+        )
     raw = payload.numpy().tobytes()
     if hashlib.sha256(raw).hexdigest() != digest:
-        raise SettingError(f"{name}: {path!r} is damaged: its contents do not match the SHA-256 saved with them "
-                           "(a disk or copy error, or an edit), so none of it is used", name)
+        raise SettingError(
+            f"{name}: {path!r} is damaged: its contents do not match the SHA-256 saved with them "
+            "(a disk or copy error, or an edit), so none of it is used",
+            name,
+        )
     return _safe_load(io.BytesIO(raw), path, name)
 
 
@@ -272,16 +302,23 @@ def load_checkpoint(folder: str, name: str = "folder") -> dict:
     ckpt = _unseal(_safe_load(path, path, name), path, name)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
-        raise SettingError(f"{name}: {path!r} is not a checkpoint of `rnnlm train --save` "
-                           f"(it lacks {', '.join(missing)})", name)
+        raise SettingError(
+            f"{name}: {path!r} is not a checkpoint of `rnnlm train --save` (it lacks {', '.join(missing)})", name
+        )
     config = ckpt["config"]
     if not isinstance(config, dict) or set(config) != set(RUN_FIELDS):
-        raise SettingError(f"{name}: the settings stored in {path!r} are not those of this "
-                           f"version of rnnlm train (expected {', '.join(RUN_FIELDS)})", name)
+        raise SettingError(
+            f"{name}: the settings stored in {path!r} are not those of this "
+            f"version of rnnlm train (expected {', '.join(RUN_FIELDS)})",
+            name,
+        )
     bad = _non_finite(ckpt)
     if bad:
-        raise SettingError(f"{name}: {path!r} holds non-finite values in {bad}: resuming or sampling from them "
-                           "would carry them into every step, so it is not used", name)
+        raise SettingError(
+            f"{name}: {path!r} holds non-finite values in {bad}: resuming or sampling from them "
+            "would carry them into every step, so it is not used",
+            name,
+        )
     ckpt["path"] = path
     return ckpt
 
@@ -296,16 +333,26 @@ def model_from_checkpoint(ckpt: dict):
 
 
 def _build_model(cfg: TrainConfig, vocab_sz: int) -> nn.Module:
-    return models.build_model(cfg.model, vocab_sz, cfg.hidden_size, cfg.layers, cfg.nonlinearity,
-                              cfg.dropout, cfg.tie_weights, RNN_CLASSES[cfg.rnn])
+    return models.build_model(
+        cfg.model,
+        vocab_sz,
+        cfg.hidden_size,
+        cfg.layers,
+        cfg.nonlinearity,
+        cfg.dropout,
+        cfg.tie_weights,
+        RNN_CLASSES[cfg.rnn],
+    )
 
 
 def _load_weights(model: nn.Module, ckpt: dict) -> None:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise ValueError(f"the weights in {ckpt['path']!r} do not fit the model its "
-                         f"settings describe ({str(err).splitlines()[-1].strip()})") from None
+        raise ValueError(
+            f"the weights in {ckpt['path']!r} do not fit the model its "
+            f"settings describe ({str(err).splitlines()[-1].strip()})"
+        ) from None
 
 
 def _fingerprint(corpus: data.Corpus) -> dict:
@@ -321,7 +368,7 @@ class _StopRequest:
 
     def __init__(self):
         self.requested = False
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -351,8 +398,14 @@ def make_optimizer(params, lr: float, wd: float, total_steps: int):
     except RuntimeError:
         opt = torch.optim.AdamW(params, **adamw)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=total_steps, pct_start=0.25, div_factor=25.0,
-        final_div_factor=1e5 / 25, base_momentum=0.85, max_momentum=0.95,
+        opt,
+        max_lr=lr,
+        total_steps=total_steps,
+        pct_start=0.25,
+        div_factor=25.0,
+        final_div_factor=1e5 / 25,
+        base_momentum=0.85,
+        max_momentum=0.95,
     )
     return opt, sched
 
@@ -364,7 +417,7 @@ class EpochSums:
     loss: float = 0.0  # this process's loss · tokens, summed over its batches
     tokens: int = 0  # tokens read by all processes
     time: float = 0.0  # seconds of training, checkpoint writes left out
-    losses: List[float] = field(default_factory=list)  # this process's loss at every step, for plots
+    losses: list[float] = field(default_factory=list)  # this process's loss at every step, for plots
 
 
 @dataclass
@@ -393,7 +446,7 @@ class _Run:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     log: Callable[[str], None]
-    history: List[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
     epoch: int = 0
     start_batch: int = 0
     step: int = 0
@@ -450,7 +503,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], explicit: Sequence[str]
     return _summary(run, stopped, signum)
 
 
-def _resume_settings(cfg: TrainConfig, explicit: Sequence[str], world: int) -> Tuple[TrainConfig, dict]:
+def _resume_settings(cfg: TrainConfig, explicit: Sequence[str], world: int) -> tuple[TrainConfig, dict]:
     """The checkpoint in cfg.resume and cfg with the run's settings from it."""
     ckpt = load_checkpoint(cfg.resume, "resume")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
@@ -461,16 +514,20 @@ def _resume_settings(cfg: TrainConfig, explicit: Sequence[str], world: int) -> T
         raise SettingError(
             "resume continues the run with the settings it was checkpointed with; "
             + ", ".join(f"{k} {getattr(cfg, k)} (the run's: {ckpt['config'][k]})" for k in changed)
-            + ". Start a new run (without resume) to change them.", "resume", *changed)
+            + ". Start a new run (without resume) to change them.",
+            "resume",
+            *changed,
+        )
     cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in RUN_FIELDS})
     if ckpt["world_size"] != world:
-        raise SettingError(f"resume: the run was checkpointed with {ckpt['world_size']} processes, now {world}",
-                           "resume")
+        raise SettingError(
+            f"resume: the run was checkpointed with {ckpt['world_size']} processes, now {world}", "resume"
+        )
     cfg.save = cfg.save or cfg.resume
     return cfg, ckpt
 
 
-def _load_data(cfg: TrainConfig, ckpt: Optional[dict], rank: int, world: int) -> _Data:
+def _load_data(cfg: TrainConfig, ckpt: dict | None, rank: int, world: int) -> _Data:
     """The corpus (with the checkpoint's vocabulary on resume) and this process's rows of it."""
     vocab = data.Vocab.from_state_dict(ckpt["vocab"]) if ckpt else None
     corpus = data.load_corpus(cfg.dataset, cfg.level, cfg.min_freq, cfg.max_vocab, vocab)
@@ -482,15 +539,17 @@ def _load_data(cfg: TrainConfig, ckpt: Optional[dict], rank: int, world: int) ->
             f"resume: the data set {cfg.dataset!r} changed since the checkpoint ({then['train_tokens']:,} train / "
             f"{then['valid_tokens']:,} valid tokens then, {now['train_tokens']:,} / {now['valid_tokens']:,} now"
             f"{', same counts but other tokens' if same_counts else ''}); resuming would not continue the same run",
-            "resume")
+            "resume",
+        )
     # Every process cuts the stream into world·bs rows and keeps its own bs of them.
     train_rows = data.batchify(corpus.train, cfg.bs * world, "train")[rank * cfg.bs : (rank + 1) * cfg.bs]
     valid_rows = data.batchify(corpus.valid, cfg.bs * world, "valid")[rank * cfg.bs : (rank + 1) * cfg.bs]
     drop_last = cfg.model == "lmmodel1"  # it reads exactly bptt tokens; the others take the shorter last batch
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
         if data.num_batches(rows, cfg.bptt, drop_last) == 0:
-            raise SettingError(f"bptt {cfg.bptt} is longer than a {name} row ({rows.shape[1]} tokens at "
-                               f"bs {cfg.bs})", "bptt", "bs")
+            raise SettingError(
+                f"bptt {cfg.bptt} is longer than a {name} row ({rows.shape[1]} tokens at bs {cfg.bs})", "bptt", "bs"
+            )
     n_batches = data.num_batches(train_rows, cfg.bptt, drop_last)
     return _Data(corpus, fingerprint, train_rows, valid_rows, drop_last, n_batches)
 
@@ -524,35 +583,51 @@ def _restore(run: _Run, ckpt: dict) -> None:
 def _checkpoint(run: _Run, epoch: int, batch: int) -> None:
     """Write the run's state at (epoch, batch) to cfg.save; every process takes part (gathers)."""
     hidden_state = _gather_rows(getattr(run.core, "h", None) if batch else None)
-    per_rank = _gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
-                                "sums": dataclasses.asdict(run.sums)})
+    per_rank = _gather_objects(
+        {"torch": torch.get_rng_state(), "python": random.getstate(), "sums": dataclasses.asdict(run.sums)}
+    )
     cfg = run.cfg
     if run.rank != 0 or not cfg.save:
         return
     if not all(torch.isfinite(p).all() for p in run.core.parameters()):
         raise TrainingError(f"non-finite weights at step {run.step}; the last good checkpoint in {cfg.save} is kept")
-    _atomic_save({
-        "config": {k: getattr(cfg, k) for k in RUN_FIELDS}, "vocab": run.data.corpus.vocab.state_dict(),
-        "model": run.core.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-        "epoch": epoch, "batch": batch, "hidden_state": hidden_state, "per_rank": per_rank, "history": run.history,
-        "world_size": run.world, "data": run.data.fingerprint,
-    }, cfg.save)
+    _atomic_save(
+        {
+            "config": {k: getattr(cfg, k) for k in RUN_FIELDS},
+            "vocab": run.data.corpus.vocab.state_dict(),
+            "model": run.core.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "hidden_state": hidden_state,
+            "per_rank": per_rank,
+            "history": run.history,
+            "world_size": run.world,
+            "data": run.data.fingerprint,
+        },
+        cfg.save,
+    )
 
 
 def _log_header(run: _Run, resumed: bool) -> None:
     cfg, corpus = run.cfg, run.data.corpus
     if not resumed:
         layer = {"rnn": cfg.rnn, "shared": "shared-weight cell"}.get(cfg.model, "reference")
-        run.log(f"{cfg.model} ({layer}): {sum(p.numel() for p in run.core.parameters()):,} parameters, "
-                f"vocab {len(corpus.vocab)}, {len(corpus.train):,} train / {len(corpus.valid):,} valid tokens, "
-                f"{run.data.n_batches} batches of {run.world} x {cfg.bs} x {cfg.bptt} per epoch")
-    run.log(f"{'epoch':>5} {'train_loss':>10} {'valid_loss':>10} {'accuracy':>8} {'perplexity':>10} "
-            f"{'tokens/s':>9} {'time':>6}")
+        run.log(
+            f"{cfg.model} ({layer}): {sum(p.numel() for p in run.core.parameters()):,} parameters, "
+            f"vocab {len(corpus.vocab)}, {len(corpus.train):,} train / {len(corpus.valid):,} valid tokens, "
+            f"{run.data.n_batches} batches of {run.world} x {cfg.bs} x {cfg.bptt} per epoch"
+        )
+    run.log(
+        f"{'epoch':>5} {'train_loss':>10} {'valid_loss':>10} {'accuracy':>8} {'perplexity':>10} "
+        f"{'tokens/s':>9} {'time':>6}"
+    )
     for past in run.history:
         run.log(_row(past))
 
 
-def _fit(run: _Run) -> Tuple[Optional[int], Optional[int]]:
+def _fit(run: _Run) -> tuple[int | None, int | None]:
     """The epochs from where the run is. Returns (the step it stopped after, the signal that
     stopped it); (None, None) when it ran to the end."""
     cfg = run.cfg
@@ -561,8 +636,7 @@ def _fit(run: _Run) -> Tuple[Optional[int], Optional[int]]:
             if _train_epoch(run, stop):
                 return run.step, stop.signum
             _end_epoch(run)
-            if stop.requested or (cfg.stop_after is not None and run.step >= cfg.stop_after
-                                  and run.epoch < cfg.epochs):
+            if stop.requested or (cfg.stop_after is not None and run.step >= cfg.stop_after and run.epoch < cfg.epochs):
                 return run.step, stop.signum
     return None, None
 
@@ -578,8 +652,13 @@ def _progress_bar(run: _Run):
         if cfg.progress:
             raise SettingError("progress needs tqdm: pip install 'rnnlm_ext[lm]' (or tqdm)", "progress") from None
         return _NoBar()  # unset: a bar where one can be shown
-    return tqdm(total=run.data.n_batches, initial=run.start_batch, desc=f"epoch {run.epoch + 1}", leave=False,
-                disable=None if cfg.progress is None else False)
+    return tqdm(
+        total=run.data.n_batches,
+        initial=run.start_batch,
+        desc=f"epoch {run.epoch + 1}",
+        leave=False,
+        disable=None if cfg.progress is None else False,
+    )
 
 
 class _NoBar:
@@ -602,8 +681,9 @@ def _train_epoch(run: _Run, stop: _StopRequest) -> bool:
     bar = _progress_bar(run)
     t0 = time.perf_counter()
     try:
-        for k, (x, y) in enumerate(data.batches(rows.train_rows, cfg.bptt, run.start_batch, rows.drop_last),
-                                   run.start_batch):
+        for k, (x, y) in enumerate(
+            data.batches(rows.train_rows, cfg.bptt, run.start_batch, rows.drop_last), run.start_batch
+        ):
             value = _train_step(run, x, y, k)
             run.step += 1
             run.sums.loss += value * x.numel()
@@ -633,13 +713,21 @@ def _train_step(run: _Run, x: Tensor, y: Tensor, k: int) -> float:
     value = loss.item()
     # every process must see the same verdict, or the others would wait forever in backward
     if not math.isfinite(_all_reduce_sum([value])[0]):
-        where = ("no checkpoint was asked for (save)" if not cfg.save else
-                 f"the checkpoint in {cfg.save} is left as it was"
-                 if os.path.isfile(os.path.join(cfg.save, CHECKPOINT))
-                 else f"no checkpoint was written to {cfg.save} yet")
+        where = (
+            "no checkpoint was asked for (save)"
+            if not cfg.save
+            else f"the checkpoint in {cfg.save} is left as it was"
+            if os.path.isfile(os.path.join(cfg.save, CHECKPOINT))
+            else f"no checkpoint was written to {cfg.save} yet"
+        )
         raise TrainingError(
             f"loss is {value} at epoch {run.epoch + 1}, batch {k + 1}: training stopped ({where}). Try a new "
-            "run with a lower lr or a smaller clip (resume keeps the run's settings).", "save", "lr", "clip", "resume")
+            "run with a lower lr or a smaller clip (resume keeps the run's settings).",
+            "save",
+            "lr",
+            "clip",
+            "resume",
+        )
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip:
@@ -656,19 +744,26 @@ def _end_epoch(run: _Run) -> None:
     _check_in_sync(run.core)
     sums = run.sums
     train_loss = _all_reduce_sum([sums.loss])[0] / sums.tokens
-    run.history.append({
-        "epoch": run.epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
-        "valid_accuracy": valid_acc, "perplexity": _perplexity(valid_loss),
-        "tokens_per_s": sums.tokens / sums.time, "train_tokens": sums.tokens,
-        "train_time": sums.time, "time": sums.time + time.perf_counter() - t_valid,
-        "step_losses": sums.losses,
-    })
+    run.history.append(
+        {
+            "epoch": run.epoch + 1,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            "valid_accuracy": valid_acc,
+            "perplexity": _perplexity(valid_loss),
+            "tokens_per_s": sums.tokens / sums.time,
+            "train_tokens": sums.tokens,
+            "train_time": sums.time,
+            "time": sums.time + time.perf_counter() - t_valid,
+            "step_losses": sums.losses,
+        }
+    )
     run.log(_row(run.history[-1]))
     run.epoch, run.start_batch, run.sums = run.epoch + 1, 0, EpochSums()
     _checkpoint(run, run.epoch, 0)
 
 
-def _summary(run: _Run, stopped: Optional[int], signum: Optional[int]) -> dict:
+def _summary(run: _Run, stopped: int | None, signum: int | None) -> dict:
     """The result train() returns (and writes to cfg.json): settings, epochs, final metrics, how it stopped."""
     cfg, history = run.cfg, run.history
     result = {"config": dataclasses.asdict(cfg), "world_size": run.world, "epochs": history}
@@ -688,18 +783,27 @@ def _final(history: list[dict]) -> dict:
     """The last epoch's validation figures and the training throughput over all epochs."""
     last = history[-1]
     return {
-        "valid_loss": last["valid_loss"], "valid_accuracy": last["valid_accuracy"], "perplexity": last["perplexity"],
+        "valid_loss": last["valid_loss"],
+        "valid_accuracy": last["valid_accuracy"],
+        "perplexity": last["perplexity"],
         "tokens_per_s": sum(e["train_tokens"] for e in history) / sum(e["train_time"] for e in history),
     }
 
 
 def _already_complete(cfg: TrainConfig, ckpt: dict, world: int, log: Callable[[str], None]) -> dict:
     """The result of resuming a run that has trained all its epochs: nothing is trained, no file written."""
-    log(f"the run in {cfg.resume} is already complete ({ckpt['epoch']} of {cfg.epochs} epochs): "
-        "nothing to train, no file written")
+    log(
+        f"the run in {cfg.resume} is already complete ({ckpt['epoch']} of {cfg.epochs} epochs): "
+        "nothing to train, no file written"
+    )
     history = ckpt["history"]
-    return {"config": dataclasses.asdict(cfg), "world_size": world, "epochs": history, "final": _final(history),
-            "complete": True}
+    return {
+        "config": dataclasses.asdict(cfg),
+        "world_size": world,
+        "epochs": history,
+        "final": _final(history),
+        "complete": True,
+    }
 
 
 def _perplexity(loss: float) -> float:
@@ -707,5 +811,7 @@ def _perplexity(loss: float) -> float:
 
 
 def _row(e: dict) -> str:
-    return (f"{e['epoch']:>5} {e['train_loss']:>10.4f} {e['valid_loss']:>10.4f} {e['valid_accuracy']:>8.4f} "
-            f"{e['perplexity']:>10.3f} {e['tokens_per_s']:>9.0f} {e['time']:>5.1f}s")
+    return (
+        f"{e['epoch']:>5} {e['train_loss']:>10.4f} {e['valid_loss']:>10.4f} {e['valid_accuracy']:>8.4f} "
+        f"{e['perplexity']:>10.3f} {e['tokens_per_s']:>9.0f} {e['time']:>5.1f}s"
+    )
