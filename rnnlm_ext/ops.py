@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +39,7 @@ def rnn_layer(
     return torch.ops.rnnlm_ext.rnn_forward(x, h0, w_ih, w_hh, bias, nonlinearity, reverse, _requested_cuda_path())
 
 
-def _check_args(nonlinearity, x, w_hh, **others):
+def _check_args(nonlinearity: str, x: Tensor, w_hh: Tensor, **others: Tensor | None) -> tuple[int, int, int, int]:
     """The kernels' argument checks (csrc/rnn_args.h), for the fake kernels: the
     nonlinearity, shapes from x [T,B,I] and w_hh [H,H], one dtype and one device. Returns
     T, B, I, H. Every tensor but bias is required (None is what reaches a fake kernel for it)."""
@@ -77,13 +78,33 @@ def _check_args(nonlinearity, x, w_hh, **others):
 
 
 @torch.library.register_fake("rnnlm_ext::rnn_forward")
-def _rnn_forward_fake(x, h0, w_ih, w_hh, bias, nonlinearity, reverse, cuda_path="auto"):
+def _rnn_forward_fake(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    bias: Tensor | None,
+    nonlinearity: str,
+    reverse: bool,
+    cuda_path: str = "auto",
+) -> Tensor:
     T, B, _, H = _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, bias=bias)
     return x.new_empty((T, B, H))
 
 
 @torch.library.register_fake("rnnlm_ext::rnn_backward")
-def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, output_mask, cuda_path="auto"):
+def _rnn_backward_fake(
+    dout: Tensor,
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    out: Tensor,
+    nonlinearity: str,
+    reverse: bool,
+    output_mask: Sequence[bool],
+    cuda_path: str = "auto",
+) -> tuple[Tensor, ...]:
     _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, dout=dout, out=out)
     torch._check(
         len(output_mask) == 5,
@@ -93,7 +114,7 @@ def _rnn_backward_fake(dout, x, h0, w_ih, w_hh, out, nonlinearity, reverse, outp
     return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, h0, w_ih, w_hh, bias, nonlinearity, reverse, cuda_path = inputs
     # act' is a function of the output alone, so the output is all the backward keeps
     ctx.save_for_backward(x, h0, w_ih, w_hh, output)
@@ -102,7 +123,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cuda_path = cuda_path  # the backward's time loop takes the forward's path
 
 
-def _backward(ctx, dout):
+def _backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
     if torch.is_grad_enabled():  # create_graph=True: the gradient would itself be differentiated
         raise RuntimeError(
             "rnnlm_ext: the fused RNN's backward is not differentiable (no double backward, "
