@@ -257,6 +257,7 @@ def _gru_setup_context(ctx, inputs, output):
     x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, cuda_path = inputs
     out, saved = output
     ctx.mark_non_differentiable(saved)  # the backward's own record, not a result
+    ctx.set_materialize_grads(False)  # else autograd fills a [T,B,4H] zero gradient for saved every call
     ctx.save_for_backward(x, h0, w_ih, w_hh, out, saved)
     ctx.reverse = reverse
     ctx.train = train
@@ -275,6 +276,8 @@ def _gru_backward(ctx, dout, _dsaved):
             "rnnlm_ext: gru_forward ran with train=False and kept nothing for the backward; "
             "call it with train=True (gru_layer does when an input requires grad)"
         )
+    if dout is None:  # out's gradient is undefined (a zero autograd did not materialise): so are all
+        return (None,) * 9
     x, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:6])  # x, h0, w_ih, w_hh, b_ih, b_hh
     grads = torch.ops.rnnlm_ext.gru_backward(dout, x, h0, w_ih, w_hh, out, saved, ctx.reverse, mask, ctx.cuda_path)
