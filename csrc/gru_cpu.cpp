@@ -21,12 +21,16 @@ namespace rnnlm_ext {
 namespace {
 
 // One batch row of a step, over m hidden units. On entry r, z, n hold gi (b_ih, and b_hh's r
-// and z parts, already added); gh_r, gh_z, gh_n are h_{t-1}·w_hhᵀ without bias. On exit r,
-// z, n hold the gates, gh_n_out (which may be gh_n itself) gh_n + b_hn, and h the new state.
+// and z parts, already added) and gh_r, gh_z, gh_n hold h_{t-1}·w_hhᵀ without bias. On exit
+// r, z, n hold the gates, gh_n holds gh_n + b_hn (copied to gh_n_out too, unless nullptr),
+// and h the new state. No two pointers overlap (__restrict__: GCC vectorises the loops only
+// when it knows that).
 template <typename scalar_t>
-void gates_forward(scalar_t* r, scalar_t* z, scalar_t* n, scalar_t* gh_n_out, const scalar_t* gh_r,
-                   const scalar_t* gh_z, const scalar_t* gh_n, const scalar_t* b_hn,
-                   const scalar_t* h_prev, scalar_t* h, int64_t m) {
+void gates_forward(scalar_t* __restrict__ r, scalar_t* __restrict__ z, scalar_t* __restrict__ n,
+                   const scalar_t* __restrict__ gh_r, const scalar_t* __restrict__ gh_z,
+                   scalar_t* __restrict__ gh_n, scalar_t* __restrict__ gh_n_out,
+                   const scalar_t* __restrict__ b_hn, const scalar_t* __restrict__ h_prev,
+                   scalar_t* __restrict__ h, int64_t m) {
   for (int64_t j = 0; j < m; ++j) {
     r[j] += gh_r[j];
     z[j] += gh_z[j];
@@ -34,10 +38,10 @@ void gates_forward(scalar_t* r, scalar_t* z, scalar_t* n, scalar_t* gh_n_out, co
   cpu::sigmoid_row(r, m);
   cpu::sigmoid_row(z, m);
   for (int64_t j = 0; j < m; ++j) {
-    const scalar_t g = gh_n[j] + b_hn[j];
-    gh_n_out[j] = g;
-    n[j] += r[j] * g;
+    gh_n[j] += b_hn[j];
+    n[j] += r[j] * gh_n[j];
   }
+  if (gh_n_out) std::copy(gh_n, gh_n + m, gh_n_out);
   cpu::tanh_row(n, static_cast<const scalar_t*>(nullptr), m);
   for (int64_t j = 0; j < m; ++j) h[j] = n[j] + z[j] * (h_prev[j] - n[j]);  // (1−z)⊙n + z⊙h_prev
 }
@@ -48,9 +52,12 @@ void gates_forward(scalar_t* r, scalar_t* z, scalar_t* n, scalar_t* gh_n_out, co
 // (1−n²), dz (at a_z) = dh⊙(h_prev−n)⊙z(1−z), dr (at a_r) = dn⊙gh_n⊙r(1−r), and gh_n's own
 // gradient is dn⊙r. dh_prev gets dh⊙z here; dgh·w_hh is added by the step's GEMM.
 template <typename scalar_t>
-void gates_backward(scalar_t* dr, scalar_t* dz, scalar_t* dnr, scalar_t* dn, scalar_t* dh,
-                    const scalar_t* dout, const scalar_t* r, const scalar_t* z, const scalar_t* n,
-                    const scalar_t* gh_n, const scalar_t* h_prev, bool carry, int64_t m) {
+void gates_backward(scalar_t* __restrict__ dr, scalar_t* __restrict__ dz,
+                    scalar_t* __restrict__ dnr, scalar_t* __restrict__ dn,
+                    scalar_t* __restrict__ dh, const scalar_t* __restrict__ dout,
+                    const scalar_t* __restrict__ r, const scalar_t* __restrict__ z,
+                    const scalar_t* __restrict__ n, const scalar_t* __restrict__ gh_n,
+                    const scalar_t* __restrict__ h_prev, bool carry, int64_t m) {
   for (int64_t j = 0; j < m; ++j) {
     const scalar_t g = carry ? dh[j] + dout[j] : dout[j];
     const scalar_t dnj = g * (scalar_t(1) - z[j]) * (scalar_t(1) - n[j] * n[j]);
@@ -62,9 +69,18 @@ void gates_backward(scalar_t* dr, scalar_t* dz, scalar_t* dnr, scalar_t* dn, sca
   }
 }
 
+// a[row, j] += b[j] over a [rows,n] block with row stride ld.
+template <typename scalar_t>
+void add_bias(scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t rows, int64_t n,
+              int64_t ld) {
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t j = 0; j < n; ++j) a[row * ld + j] += b[j];
+}
+
 // dst[j] += Σ_rows src[row, j] over a [rows,n] block with row stride ld.
 template <typename scalar_t>
-void add_column_sums(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t n, int64_t ld) {
+void add_column_sums(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t rows,
+                     int64_t n, int64_t ld) {
   for (int64_t row = 0; row < rows; ++row)
     for (int64_t j = 0; j < n; ++j) dst[j] += src[row * ld + j];
 }
@@ -109,9 +125,7 @@ void gru_forward_cpu(scalar_t* out, scalar_t* saved, scalar_t* workspace, const 
     const int64_t t0 = order.range_begin(s0, s1), rows = (s1 - s0) * B;
     scalar_t* g = gi + t0 * B * ldg;
     cpu::gemm<scalar_t>(false, true, rows, G, I, x + t0 * B * I, I, w_ih, I, 0, g, ldg);
-    if (b_ih)
-      for (int64_t row = 0; row < rows; ++row)
-        for (int64_t j = 0; j < G; ++j) g[row * ldg + j] += bias[j];
+    if (b_ih) add_bias(g, bias.data(), rows, G, ldg);
   };
   auto prepare = [&](ForwardStep<scalar_t>& st, const cpu::Slice& slice) {
     const int64_t m = slice.size();
@@ -130,9 +144,8 @@ void gru_forward_cpu(scalar_t* out, scalar_t* saved, scalar_t* workspace, const 
     for (int64_t b = 0; b < B; ++b) {
       scalar_t* g = gi + (t * B + b) * ldg + c0;
       scalar_t* ghb = gh + b * 3 * m;
-      scalar_t* gh_n_out = saved ? g + 3 * H : ghb + 2 * m;
-      gates_forward(g, g + H, g + 2 * H, gh_n_out, ghb, ghb + m, ghb + 2 * m, b_hn + c0,
-                    h_prev + b * H + c0, out + t * BH + b * H + c0, m);
+      gates_forward(g, g + H, g + 2 * H, ghb, ghb + m, ghb + 2 * m, saved ? g + 3 * H : nullptr,
+                    b_hn + c0, h_prev + b * H + c0, out + t * BH + b * H + c0, m);
     }
   };
   cpu::forward_schedule<ForwardStep<scalar_t>>(T, B, H, project, prepare, step);
