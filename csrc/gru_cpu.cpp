@@ -77,12 +77,22 @@ void add_bias(scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t 
     for (int64_t j = 0; j < n; ++j) a[row * ld + j] += b[j];
 }
 
-// dst[j] += Σ_rows src[row, j] over a [rows,n] block with row stride ld.
+// dst[j] = (write ? 0 : dst[j]) + Σ_rows src[row, j] over a [rows,n] block with row stride
+// ld, summed in double and rounded once: a float32 running sum over many rows drifts (the
+// Elman cell's db was up to 12x further from float64 than PyTorch's sum). Columns go in
+// tiles, so that the sums stay on the stack.
 template <typename scalar_t>
-void add_column_sums(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t rows,
-                     int64_t n, int64_t ld) {
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < n; ++j) dst[j] += src[row * ld + j];
+void column_sums(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t rows,
+                 int64_t n, int64_t ld, bool write) {
+  constexpr int64_t kTile = 256;
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    const int64_t w = std::min(kTile, n - j0);
+    double sum[kTile] = {};
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t j = 0; j < w; ++j) sum[j] += double(src[row * ld + j0 + j]);
+    for (int64_t j = 0; j < w; ++j)
+      dst[j0 + j] = scalar_t((write ? 0 : double(dst[j0 + j])) + sum[j]);
+  }
 }
 
 // A thread's per-sequence forward state: the GEMM of its hidden units' rows of w_hh (of all
@@ -191,39 +201,39 @@ void gru_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
   auto dh0_grad = [&] {
     if (dh0) std::copy(dh, dh + BH, dh0);
   };
-  // The weight and bias gradients of backward steps [k0,k1): loop steps [T-k1, T-k0), a run
-  // of consecutive time indices [ta,tb). Written when `write` (the first run), else added.
-  // dgi is dg's columns [0,2H) and [3H,4H); dgh its columns [0,3H).
-  auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
+  // The weight and bias gradients of backward steps [k0,k1) (loop steps [T-k1, T-k0), a run
+  // of consecutive time indices [ta,tb)) for hidden units [c0,c1): their rows of each gate
+  // block. Written when `write` (the first run), else added. Gate g's gradient is dg's column
+  // block g for both dgi and dgh, except n: dgi_n = dn (block 3), dgh_n = dn⊙r (block 2).
+  auto unit_weight_grads = [&](int64_t k0, int64_t k1, bool write, int64_t c0, int64_t c1) {
     const int64_t ta = order.range_begin(T - k1, T - k0), tb = ta + (k1 - k0);
-    const int64_t rows = (tb - ta) * B;
-    const scalar_t* d = dg + ta * B * L;
+    const int64_t rows = (tb - ta) * B, m = c1 - c0;
     const scalar_t beta = write ? 0 : 1;
-    if (dw_ih) {  // dgiᵀ·x: the r, z rows, then the n rows
-      cpu::gemm<scalar_t>(true, false, 2 * H, I, rows, d, L, x + ta * B * I, I, beta, dw_ih, I);
-      cpu::gemm<scalar_t>(true, false, H, I, rows, d + G, L, x + ta * B * I, I, beta,
-                          dw_ih + 2 * H * I, I);
-    }
-    if (dw_hh) {  // Σ_t dgh_tᵀ·h_{t-1}
-      const PrevStates p = split_prev_states(order, ta, tb);
-      scalar_t b0 = beta;
-      if (p.has_first) {
-        cpu::gemm<scalar_t>(true, false, G, H, B, dg + p.first * B * L, L, h0, H, b0, dw_hh, H);
-        b0 = 1;
+    const PrevStates p = split_prev_states(order, ta, tb);
+    for (int64_t gate = 0; gate < 3; ++gate) {
+      const int64_t row0 = gate * H + c0;                      // first weight row, bias entry
+      const int64_t di = (gate == 2 ? 3 * H : gate * H) + c0;  // dgi's column in dg
+      const int64_t dh_col = gate * H + c0;                    // dgh's column in dg
+      if (dw_ih)                                               // dgiᵀ·x
+        cpu::gemm<scalar_t>(true, false, m, I, rows, dg + ta * B * L + di, L, x + ta * B * I, I,
+                            beta, dw_ih + row0 * I, I);
+      if (dw_hh) {  // Σ_t dgh_tᵀ·h_{t-1}
+        scalar_t b0 = beta;
+        if (p.has_first) {
+          cpu::gemm<scalar_t>(true, false, m, H, B, dg + p.first * B * L + dh_col, L, h0, H, b0,
+                              dw_hh + row0 * H, H);
+          b0 = 1;
+        }
+        if (p.hi > p.lo)
+          cpu::gemm<scalar_t>(true, false, m, H, (p.hi - p.lo) * B, dg + p.lo * B * L + dh_col, L,
+                              out + p.prev_of_lo * BH, H, b0, dw_hh + row0 * H, H);
       }
-      if (p.hi > p.lo)
-        cpu::gemm<scalar_t>(true, false, G, H, (p.hi - p.lo) * B, dg + p.lo * B * L, L,
-                            out + p.prev_of_lo * BH, H, b0, dw_hh, H);
+      if (db_ih) column_sums(db_ih + row0, dg + ta * B * L + di, rows, m, L, write);
+      if (db_hh) column_sums(db_hh + row0, dg + ta * B * L + dh_col, rows, m, L, write);
     }
-    if (db_ih) {
-      if (write) std::fill(db_ih, db_ih + G, scalar_t(0));
-      add_column_sums(db_ih, d, rows, 2 * H, L);
-      add_column_sums(db_ih + 2 * H, d + G, rows, H, L);
-    }
-    if (db_hh) {
-      if (write) std::fill(db_hh, db_hh + G, scalar_t(0));
-      add_column_sums(db_hh, d, rows, G, L);
-    }
+  };
+  auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
+    unit_weight_grads(k0, k1, write, 0, H);
   };
   // dx = dgi·w_ih for backward steps [k0,k1): the r, z columns, then the n columns
   auto input_grad = [&](int64_t k0, int64_t k1) {

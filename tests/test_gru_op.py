@@ -94,9 +94,8 @@ def test_matches_torch_nn_gru_float64(device, reverse, bias, T, B, I, H):
 def test_float32_within_4x_of_torch_nn_gru_own_error(device, reverse, T, B, I, H):
     """float32 against nn.GRU in float64. The float32 rounding of nn.GRU itself, measured on
     the same inputs, sets the scale: every tensor's error (relative to its scale) stays within
-    4x of nn.GRU's largest. The factor covers the bias gradients, summed row after row here
-    (up to ~9x nn.GRU's error on the same tensor at T·B = 1024 rows) where torch reduces
-    pairwise; a wrong index or a dropped term is O(1e-2)."""
+    4x of nn.GRU's largest. Seen: up to 2.5x (dh0 at 5,1,9,65, where both are ~1e-7 and sum
+    K = 3H products in another order); a wrong index or a dropped term is O(1e-2)."""
     inputs64 = make_gru_inputs(T, B, I, H, torch.float64, device)
     inputs32 = make_gru_inputs(T, B, I, H, torch.float32, device)
     dout, dh_n = upstream(T, B, H, torch.float64, device)
