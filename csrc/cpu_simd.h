@@ -200,6 +200,15 @@ void sigmoid_row(scalar_t* a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) a[j] = scalar_t(1) / (scalar_t(1) + std::exp(-a[j]));
 }
 
+// For a cell's elementwise row loops (plain C++ that GCC vectorises): compiled for AVX-512,
+// AVX2 and the baseline, the one the CPU has chosen at load time. Without it they would run on
+// the baseline's 16-byte vectors: the LSTM backward's row loop took 3x longer.
+#if defined(RNNLM_EXT_X86) && !defined(__clang__)
+#define RNNLM_EXT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RNNLM_EXT_VECTOR_CLONES
+#endif
+
 // float32 goes through the vector code; float64 (for checking, not for speed) through std::tanh.
 template <typename scalar_t>
 void tanh_row(scalar_t* h, const scalar_t* b, int64_t n) {

@@ -20,30 +20,51 @@
 namespace rnnlm_ext {
 namespace {
 
-// One batch row of a step, over m hidden units. On entry r, z, n hold gi (b_ih, and b_hh's r
-// and z parts, already added) and gh_r, gh_z, gh_n hold h_{t-1}·w_hhᵀ without bias. On exit
-// r, z, n hold the gates, gh_n holds gh_n + b_hn (copied to gh_n_out too, unless nullptr),
-// and h the new state. No two pointers overlap (__restrict__: GCC vectorises the loops only
-// when it knows that).
+// The arithmetic of the gates, row by row (RNNLM_EXT_VECTOR_CLONES: cpu_simd.h). No two
+// pointers of a call overlap (__restrict__: GCC vectorises the loops only when it knows that).
+// a += b, twice
 template <typename scalar_t>
-void gates_forward(scalar_t* __restrict__ r, scalar_t* __restrict__ z, scalar_t* __restrict__ n,
-                   const scalar_t* __restrict__ gh_r, const scalar_t* __restrict__ gh_z,
-                   scalar_t* __restrict__ gh_n, scalar_t* __restrict__ gh_n_out,
-                   const scalar_t* __restrict__ b_hn, const scalar_t* __restrict__ h_prev,
-                   scalar_t* __restrict__ h, int64_t m) {
+RNNLM_EXT_VECTOR_CLONES void add_rows(scalar_t* __restrict__ a1, const scalar_t* __restrict__ b1,
+                                      scalar_t* __restrict__ a2, const scalar_t* __restrict__ b2,
+                                      int64_t m) {
   for (int64_t j = 0; j < m; ++j) {
-    r[j] += gh_r[j];
-    z[j] += gh_z[j];
+    a1[j] += b1[j];
+    a2[j] += b2[j];
   }
-  cpu::sigmoid_row(r, m);
-  cpu::sigmoid_row(z, m);
+}
+// gh_n += b_hn, then n += r ⊙ gh_n
+template <typename scalar_t>
+RNNLM_EXT_VECTOR_CLONES void candidate_row(scalar_t* __restrict__ n, scalar_t* __restrict__ gh_n,
+                                           const scalar_t* __restrict__ r,
+                                           const scalar_t* __restrict__ b_hn, int64_t m) {
   for (int64_t j = 0; j < m; ++j) {
     gh_n[j] += b_hn[j];
     n[j] += r[j] * gh_n[j];
   }
+}
+// h = (1−z)⊙n + z⊙h_prev
+template <typename scalar_t>
+RNNLM_EXT_VECTOR_CLONES void update_row(scalar_t* __restrict__ h, const scalar_t* __restrict__ n,
+                                        const scalar_t* __restrict__ z,
+                                        const scalar_t* __restrict__ h_prev, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) h[j] = n[j] + z[j] * (h_prev[j] - n[j]);
+}
+
+// One batch row of a step, over m hidden units. On entry r, z, n hold gi (b_ih, and b_hh's r
+// and z parts, already added) and gh_r, gh_z, gh_n hold h_{t-1}·w_hhᵀ without bias. On exit
+// r, z, n hold the gates, gh_n holds gh_n + b_hn (copied to gh_n_out too, unless nullptr),
+// and h the new state.
+template <typename scalar_t>
+void gates_forward(scalar_t* r, scalar_t* z, scalar_t* n, const scalar_t* gh_r,
+                   const scalar_t* gh_z, scalar_t* gh_n, scalar_t* gh_n_out, const scalar_t* b_hn,
+                   const scalar_t* h_prev, scalar_t* h, int64_t m) {
+  add_rows(r, gh_r, z, gh_z, m);
+  cpu::sigmoid_row(r, m);
+  cpu::sigmoid_row(z, m);
+  candidate_row(n, gh_n, r, b_hn, m);
   if (gh_n_out) std::copy(gh_n, gh_n + m, gh_n_out);
   cpu::tanh_row(n, static_cast<const scalar_t*>(nullptr), m);
-  for (int64_t j = 0; j < m; ++j) h[j] = n[j] + z[j] * (h_prev[j] - n[j]);  // (1−z)⊙n + z⊙h_prev
+  update_row(h, n, z, h_prev, m);
 }
 
 // One batch row of a backward step, over m hidden units. In the forward pass this was
@@ -52,12 +73,11 @@ void gates_forward(scalar_t* __restrict__ r, scalar_t* __restrict__ z, scalar_t*
 // (1−n²), dz (at a_z) = dh⊙(h_prev−n)⊙z(1−z), dr (at a_r) = dn⊙gh_n⊙r(1−r), and gh_n's own
 // gradient is dn⊙r. dh_prev gets dh⊙z here; dgh·w_hh is added by the step's GEMM.
 template <typename scalar_t>
-void gates_backward(scalar_t* __restrict__ dr, scalar_t* __restrict__ dz,
-                    scalar_t* __restrict__ dnr, scalar_t* __restrict__ dn,
-                    scalar_t* __restrict__ dh, const scalar_t* __restrict__ dout,
-                    const scalar_t* __restrict__ r, const scalar_t* __restrict__ z,
-                    const scalar_t* __restrict__ n, const scalar_t* __restrict__ gh_n,
-                    const scalar_t* __restrict__ h_prev, bool carry, int64_t m) {
+RNNLM_EXT_VECTOR_CLONES void gates_backward(
+    scalar_t* __restrict__ dr, scalar_t* __restrict__ dz, scalar_t* __restrict__ dnr,
+    scalar_t* __restrict__ dn, scalar_t* __restrict__ dh, const scalar_t* __restrict__ dout,
+    const scalar_t* __restrict__ r, const scalar_t* __restrict__ z, const scalar_t* __restrict__ n,
+    const scalar_t* __restrict__ gh_n, const scalar_t* __restrict__ h_prev, bool carry, int64_t m) {
   for (int64_t j = 0; j < m; ++j) {
     const scalar_t g = carry ? dh[j] + dout[j] : dout[j];
     const scalar_t dnj = g * (scalar_t(1) - z[j]) * (scalar_t(1) - n[j] * n[j]);
@@ -211,25 +231,25 @@ void gru_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
     const scalar_t beta = write ? 0 : 1;
     const PrevStates p = split_prev_states(order, ta, tb);
     for (int64_t gate = 0; gate < 3; ++gate) {
-      const int64_t row0 = gate * H + c0;                      // first weight row, bias entry
-      const int64_t di = (gate == 2 ? 3 * H : gate * H) + c0;  // dgi's column in dg
-      const int64_t dh_col = gate * H + c0;                    // dgh's column in dg
-      if (dw_ih)                                               // dgiᵀ·x
-        cpu::gemm<scalar_t>(true, false, m, I, rows, dg + ta * B * L + di, L, x + ta * B * I, I,
+      const int64_t row0 = gate * H + c0;                       // first weight row, bias entry
+      const int64_t dgi = (gate == 2 ? 3 * H : gate * H) + c0;  // dgi's first column in dg
+      const int64_t dgh = gate * H + c0;                        // dgh's first column in dg
+      if (dw_ih)                                                // dgiᵀ·x
+        cpu::gemm<scalar_t>(true, false, m, I, rows, dg + ta * B * L + dgi, L, x + ta * B * I, I,
                             beta, dw_ih + row0 * I, I);
       if (dw_hh) {  // Σ_t dgh_tᵀ·h_{t-1}
         scalar_t b0 = beta;
         if (p.has_first) {
-          cpu::gemm<scalar_t>(true, false, m, H, B, dg + p.first * B * L + dh_col, L, h0, H, b0,
+          cpu::gemm<scalar_t>(true, false, m, H, B, dg + p.first * B * L + dgh, L, h0, H, b0,
                               dw_hh + row0 * H, H);
           b0 = 1;
         }
         if (p.hi > p.lo)
-          cpu::gemm<scalar_t>(true, false, m, H, (p.hi - p.lo) * B, dg + p.lo * B * L + dh_col, L,
+          cpu::gemm<scalar_t>(true, false, m, H, (p.hi - p.lo) * B, dg + p.lo * B * L + dgh, L,
                               out + p.prev_of_lo * BH, H, b0, dw_hh + row0 * H, H);
       }
-      if (db_ih) column_sums(db_ih + row0, dg + ta * B * L + di, rows, m, L, write);
-      if (db_hh) column_sums(db_hh + row0, dg + ta * B * L + dh_col, rows, m, L, write);
+      if (db_ih) column_sums(db_ih + row0, dg + ta * B * L + dgi, rows, m, L, write);
+      if (db_hh) column_sums(db_hh + row0, dg + ta * B * L + dgh, rows, m, L, write);
     }
   };
   auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
