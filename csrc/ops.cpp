@@ -11,6 +11,7 @@
 #include "cpu_gemm.h"
 #include "cpu_simd.h"
 #include "cpu_workspace.h"
+#include "gru.h"
 #include "rnn.h"
 #include "rnn_args.h"
 
@@ -57,6 +58,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
                                a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
                                a.w_hh.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
                                d.T, d.B, d.I, d.H, a.act, reverse);
+  });
+  return grads.tuple();
+}
+
+// GRU: x [T,B,I], h0 [B,H], w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H] or None
+//   -> out [T,B,H], saved [T,B,4H] (r, z, n, gh_n) when train, else an empty [0] tensor
+std::tuple<at::Tensor, at::Tensor> gru_forward_cpu_op(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
+    bool train, c10::string_view /*cuda_path*/) {
+  const GruForwardArgs a(x, h0, w_ih, w_hh, b_ih, b_hh);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  const Dims& d = a.d;
+  at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
+  at::Tensor saved =
+      train ? at::empty({d.T, d.B, 4 * d.H}, x.options()) : at::empty({0}, x.options());
+  const cpu::Workspace workspace(gru_forward_workspace_size(d.T, d.B, d.H, train), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward_cpu", [&] {
+    auto in = [](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    };
+    gru_forward_cpu<scalar_t>(
+        out.data_ptr<scalar_t>(), train ? saved.data_ptr<scalar_t>() : nullptr,
+        workspace.view({-1}).data_ptr<scalar_t>(), in(a.x), in(a.h0), in(a.w_ih), in(a.w_hh),
+        in(a.b_ih), in(a.b_hh), d.T, d.B, d.I, d.H, reverse);
+  });
+  return {out, saved};
+}
+
+// dout [T,B,H] and the forward's inputs and outputs -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh).
+// output_mask says which to compute; the others come back as empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_backward_cpu_op(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0,
+                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& out,
+                    const at::Tensor& saved, bool reverse, std::array<bool, 6> output_mask,
+                    c10::string_view /*cuda_path*/) {
+  const GruBackwardArgs a(dout, x, h0, w_ih, w_hh, out, saved);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  const Dims& d = a.d;
+  MaskedGrads<6> grads(
+      {{{d.T, d.B, d.I}, {d.B, d.H}, {3 * d.H, d.I}, {3 * d.H, d.H}, {3 * d.H}, {3 * d.H}}},
+      output_mask, x.options());
+  const cpu::Workspace workspace(gru_backward_workspace_size(d.T, d.B, d.H), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] {
+    auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
+    gru_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5),
+                               workspace.view({-1}).data_ptr<scalar_t>(),
+                               a.dout.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+                               a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
+                               a.w_hh.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
+                               a.saved.const_data_ptr<scalar_t>(), d.T, d.B, d.I, d.H, reverse);
   });
   return grads.tuple();
 }
@@ -117,6 +171,8 @@ TORCH_LIBRARY(rnnlm_ext, m) {
 TORCH_LIBRARY_IMPL(rnnlm_ext, CPU, m) {
   m.impl("rnn_forward", &rnn_forward_cpu_op);
   m.impl("rnn_backward", &rnn_backward_cpu_op);
+  m.impl("gru_forward", &gru_forward_cpu_op);
+  m.impl("gru_backward", &gru_backward_cpu_op);
 }
 
 }  // namespace rnnlm_ext

@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "rnn.h"
 
@@ -140,6 +141,114 @@ struct Grads {
   void* ptr(size_t i) { return wanted[i] ? t[i].data_ptr() : nullptr; }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
     return {t[0], t[1], t[2], t[3], t[4]};
+  }
+};
+
+// A backward op's N gradients in its output order, each of its shape where output_mask asks
+// for it, an empty [0] tensor otherwise (Grads is the Elman op's five).
+template <size_t N>
+struct MaskedGrads {
+  std::array<at::Tensor, N> t;
+  std::array<bool, N> wanted;
+
+  MaskedGrads(const std::array<std::vector<int64_t>, N>& shapes, std::array<bool, N> output_mask,
+              const at::TensorOptions& options)
+      : wanted(output_mask) {
+    for (size_t i = 0; i < N; ++i)
+      t[i] = at::empty(wanted[i] ? at::IntArrayRef(shapes[i]) : at::IntArrayRef{0}, options);
+  }
+  // where the kernel writes gradient i, nullptr for one not asked for
+  void* ptr(size_t i) { return wanted[i] ? t[i].data_ptr() : nullptr; }
+  auto tuple() const {
+    return std::apply([](const auto&... g) { return std::make_tuple(g...); }, t);
+  }
+};
+
+// ----------------------------------------------------------------------------------------
+// Gated cells: the weights stack `gates` blocks of H rows (LSTM 4, GRU 3).
+
+// x [T,B,I], h0 [B,H], w_ih [gates·H,I], w_hh [gates·H,H]; H is w_hh's column count.
+inline Dims check_gated_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, int64_t gates) {
+  TORCH_CHECK(x.dim() == 3, "rnnlm_ext: x must be 3-D [T,B,I], got ", x.dim(), "-D shape ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "rnnlm_ext: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2, "rnnlm_ext: w_hh must be 2-D [", gates, "H,H], got shape ",
+              w_hh.sizes());
+  const Dims d{x.size(0), x.size(1), x.size(2), w_hh.size(1)};
+  TORCH_CHECK(d.T >= 1 && d.B >= 1 && d.I >= 1 && d.H >= 1,
+              "rnnlm_ext: T, B, I and H must all be >= 1, got x ", x.sizes(), " and w_hh ",
+              w_hh.sizes());
+  check_shape(w_hh, "w_hh", {gates * d.H, d.H});
+  check_shape(w_ih, "w_ih", {gates * d.H, d.I});
+  check_shape(h0, "h0", {d.B, d.H});
+  check_like(h0, "h0", x);
+  check_like(w_ih, "w_ih", x);
+  check_like(w_hh, "w_hh", x);
+  return d;
+}
+
+// GRU (gru.h): the above with 3 gates, and b_ih, b_hh [3H], both or neither.
+inline Dims check_gru_forward_args(const at::Tensor& x, const at::Tensor& h0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh) {
+  const Dims d = check_gated_args(x, h0, w_ih, w_hh, 3);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "rnnlm_ext: b_ih and b_hh must be both given or both None, got b_ih ",
+              b_ih ? "given" : "None", " and b_hh ", b_hh ? "given" : "None");
+  if (b_ih) {
+    check_shape(*b_ih, "b_ih", {3 * d.H});
+    check_like(*b_ih, "b_ih", x);
+    check_shape(*b_hh, "b_hh", {3 * d.H});
+    check_like(*b_hh, "b_hh", x);
+  }
+  return d;
+}
+
+// The GRU forward op's arguments, checked and made contiguous; b_ih, b_hh undefined for None.
+struct GruForwardArgs {
+  Dims d;
+  at::Tensor x, h0, w_ih, w_hh, b_ih, b_hh;
+
+  GruForwardArgs(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_,
+                 const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih_,
+                 const std::optional<at::Tensor>& b_hh_)
+      : d(check_gru_forward_args(x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_)),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        w_ih(w_ih_.contiguous()),
+        w_hh(w_hh_.contiguous()),
+        b_ih(b_ih_ ? b_ih_->contiguous() : at::Tensor()),
+        b_hh(b_hh_ ? b_hh_->contiguous() : at::Tensor()) {}
+};
+
+// The GRU backward op's arguments: also dout [T,B,H], out [T,B,H] and saved [T,B,4H].
+struct GruBackwardArgs {
+  Dims d;
+  at::Tensor dout, x, h0, w_ih, w_hh, out, saved;
+
+  GruBackwardArgs(const at::Tensor& dout_, const at::Tensor& x_, const at::Tensor& h0_,
+                  const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& out_,
+                  const at::Tensor& saved_)
+      : d(check_gated_args(x_, h0_, w_ih_, w_hh_, 3)),
+        dout(dout_.contiguous()),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        w_ih(w_ih_.contiguous()),
+        w_hh(w_hh_.contiguous()),
+        out(out_.contiguous()),
+        saved(saved_.contiguous()) {
+    check_shape(dout_, "dout", {d.T, d.B, d.H});
+    check_shape(out_, "out", {d.T, d.B, d.H});
+    const std::vector<int64_t> saved_shape{d.T, d.B, 4 * d.H};
+    TORCH_CHECK(saved_.sizes() == at::IntArrayRef(saved_shape), "rnnlm_ext: saved must have shape ",
+                saved_shape, " [T,B,4H] (what gru_forward returns with train=True), got ",
+                saved_.sizes());
+    check_like(dout_, "dout", x_);
+    check_like(out_, "out", x_);
+    check_like(saved_, "saved", x_);
   }
 };
 

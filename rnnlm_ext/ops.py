@@ -203,3 +203,126 @@ def force_cuda_path(path: str) -> Iterator[None]:
         yield
     finally:
         _cuda_path.reset(token)
+
+
+# ----------------------------------------------------------------------------------------
+# GRU (csrc/gru.h): gru_forward returns out [T,B,H] and, when train, saved [T,B,4H] (r, z, n
+# and gh_n = h_{t-1}·W_hnᵀ + b_hn per step, what the backward needs); gru_backward is the
+# hand-written backward.
+
+
+def gru_layer(
+    x: Tensor,  # [T,B,I]
+    h0: Tensor,  # [B,H]
+    w_ih: Tensor,  # [3H,I]: rows r, z, n
+    w_hh: Tensor,  # [3H,H]
+    b_ih: Tensor | None = None,  # [3H]
+    b_hh: Tensor | None = None,  # [3H]: both biases or neither
+    reverse: bool = False,
+) -> Tensor:
+    """One GRU layer, one direction, whole sequence, fused: returns out [T,B,H].
+
+    torch.nn.GRU's cell with its gate order (r, z, n) and bias placement; with reverse=True
+    the steps run from the last to the first. The final hidden state is out[-1] (out[0] when
+    reversed). The forward keeps what the backward needs only when a gradient can be asked
+    for (grad mode on and an input requiring grad).
+    """
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    out, _ = torch.ops.rnnlm_ext.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, _requested_cuda_path())
+    return out
+
+
+def _check_gru_args(x, h0, w_ih, w_hh, **others):
+    """csrc/rnn_args.h's GRU checks, for the fake kernels: shapes from x [T,B,I] and w_hh
+    [3H,H], one dtype and one device. Returns T, B, I, H."""
+    torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
+    torch._check(x.dtype.is_floating_point, lambda: f"rnnlm_ext: x must be a floating-point tensor, got {x.dtype}")
+    torch._check(w_hh.dim() == 2, lambda: f"rnnlm_ext: w_hh must be 2-D [3H,H], got shape {list(w_hh.shape)}")
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    torch._check(
+        T >= 1 and B >= 1 and I >= 1 and H >= 1,
+        lambda: f"rnnlm_ext: T, B, I and H must all be >= 1, got x {list(x.shape)} and w_hh {list(w_hh.shape)}",
+    )
+    shapes = {
+        "w_hh": [3 * H, H],
+        "w_ih": [3 * H, I],
+        "h0": [B, H],
+        "b_ih": [3 * H],
+        "b_hh": [3 * H],
+        "dout": [T, B, H],
+        "out": [T, B, H],
+        "saved": [T, B, 4 * H],
+    }
+    for name, t in (("w_hh", w_hh), ("w_ih", w_ih), ("h0", h0), *others.items()):
+        if t is None:
+            continue
+        torch._check(
+            list(t.shape) == shapes[name],
+            lambda: f"rnnlm_ext: {name} must have shape {shapes[name]}, got {list(t.shape)}",
+        )
+        torch._check(
+            t.dtype == x.dtype,
+            lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match",
+        )
+        torch._check(
+            t.device == x.device,
+            lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device",
+        )
+    return T, B, I, H
+
+
+@torch.library.register_fake("rnnlm_ext::gru_forward")
+def _gru_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, cuda_path="auto"):
+    T, B, _, H = _check_gru_args(x, h0, w_ih, w_hh)
+    torch._check(
+        (b_ih is None) == (b_hh is None),
+        lambda: (
+            "rnnlm_ext: b_ih and b_hh must be both given or both None, got b_ih "
+            f"{'None' if b_ih is None else 'given'} and b_hh {'None' if b_hh is None else 'given'}"
+        ),
+    )
+    _check_gru_args(x, h0, w_ih, w_hh, b_ih=b_ih, b_hh=b_hh)
+    return x.new_empty((T, B, H)), x.new_empty((T, B, 4 * H) if train else (0,))
+
+
+@torch.library.register_fake("rnnlm_ext::gru_backward")
+def _gru_backward_fake(dout, x, h0, w_ih, w_hh, out, saved, reverse, output_mask, cuda_path="auto"):
+    _check_gru_args(x, h0, w_ih, w_hh, dout=dout, out=out, saved=saved)
+    G = w_hh.shape[0]
+    shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (G,), (G,))
+    return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
+
+
+def _gru_setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, cuda_path = inputs
+    out, saved = output
+    ctx.mark_non_differentiable(saved)  # the backward's own record, not a result
+    ctx.set_materialize_grads(False)  # else autograd fills a [T,B,4H] zero gradient for saved every call
+    ctx.save_for_backward(x, h0, w_ih, w_hh, out, saved)
+    ctx.reverse = reverse
+    ctx.train = train
+    ctx.cuda_path = cuda_path
+
+
+def _gru_backward(ctx, dout, _dsaved):
+    if torch.is_grad_enabled():  # create_graph=True: the gradient would itself be differentiated
+        raise RuntimeError(
+            "rnnlm_ext: the fused GRU's backward is not differentiable (no double backward, "
+            "create_graph=True): its gradients would differentiate as zero. For higher-order "
+            "gradients use torch.nn.GRU or rnnlm_ext.reference.gru_layer."
+        )
+    if not ctx.train:
+        raise RuntimeError(
+            "rnnlm_ext: gru_forward ran with train=False and kept nothing for the backward; "
+            "call it with train=True (gru_layer does when an input requires grad)"
+        )
+    if dout is None:  # out's gradient is undefined (a zero autograd did not materialise): so are all
+        return (None,) * 9
+    x, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:6])  # x, h0, w_ih, w_hh, b_ih, b_hh
+    grads = torch.ops.rnnlm_ext.gru_backward(dout, x, h0, w_ih, w_hh, out, saved, ctx.reverse, mask, ctx.cuda_path)
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
+
+
+torch.library.register_autograd("rnnlm_ext::gru_forward", _gru_backward, setup_context=_gru_setup_context)
