@@ -252,8 +252,8 @@ void gru_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
       if (db_hh) column_sums(db_hh + row0, dg + ta * B * L + dgh, rows, m, L, write);
     }
   };
-  auto weight_grads = [&](int64_t k0, int64_t k1, bool write) {
-    unit_weight_grads(k0, k1, write, 0, H);
+  auto weight_grads = [&](int64_t k0, int64_t k1, bool write, const cpu::Slice& block) {
+    unit_weight_grads(k0, k1, write, block.c0, block.c1);
   };
   // dx = dgi·w_ih for backward steps [k0,k1): the r, z columns, then the n columns
   auto input_grad = [&](int64_t k0, int64_t k1) {
