@@ -39,6 +39,21 @@ def rnn_layer(
     return torch.ops.rnnlm_ext.rnn_forward(x, h0, w_ih, w_hh, bias, nonlinearity, reverse, _requested_cuda_path())
 
 
+def _check_like(name: str, t: Tensor | None, shape: list[int], x: Tensor) -> None:
+    """A tensor argument of the fake kernels (None skipped): its shape, and x's dtype and device."""
+    if t is None:
+        return
+    torch._check(list(t.shape) == shape, lambda: f"rnnlm_ext: {name} must have shape {shape}, got {list(t.shape)}")
+    torch._check(
+        t.dtype == x.dtype,
+        lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match",
+    )
+    torch._check(
+        t.device == x.device,
+        lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device",
+    )
+
+
 def _check_args(nonlinearity: str, x: Tensor, w_hh: Tensor, **others: Tensor | None) -> tuple[int, int, int, int]:
     """The kernels' argument checks (csrc/rnn_args.h), for the fake kernels: the
     nonlinearity, shapes from x [T,B,I] and w_hh [H,H], one dtype and one device. Returns
@@ -60,20 +75,7 @@ def _check_args(nonlinearity: str, x: Tensor, w_hh: Tensor, **others: Tensor | N
     )
     shapes = {"w_hh": [H, H], "w_ih": [H, I], "h0": [B, H], "bias": [H], "dout": [T, B, H], "out": [T, B, H]}
     for name, t in (("w_hh", w_hh), *others.items()):
-        if t is None:
-            continue
-        torch._check(
-            list(t.shape) == shapes[name],
-            lambda: f"rnnlm_ext: {name} must have shape {shapes[name]}, got {list(t.shape)}",
-        )
-        torch._check(
-            t.dtype == x.dtype,
-            lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match",
-        )
-        torch._check(
-            t.device == x.device,
-            lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device",
-        )
+        _check_like(name, t, shapes[name], x)
     return T, B, I, H
 
 
@@ -255,20 +257,7 @@ def _check_gru_args(x, h0, w_ih, w_hh, **others):
         "saved": [T, B, 4 * H],
     }
     for name, t in (("w_hh", w_hh), ("w_ih", w_ih), ("h0", h0), *others.items()):
-        if t is None:
-            continue
-        torch._check(
-            list(t.shape) == shapes[name],
-            lambda: f"rnnlm_ext: {name} must have shape {shapes[name]}, got {list(t.shape)}",
-        )
-        torch._check(
-            t.dtype == x.dtype,
-            lambda: f"rnnlm_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match",
-        )
-        torch._check(
-            t.device == x.device,
-            lambda: f"rnnlm_ext: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device",
-        )
+        _check_like(name, t, shapes[name], x)
     return T, B, I, H
 
 
