@@ -43,12 +43,12 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu_op(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
-    std::array<bool, 5> output_mask, c10::string_view /*cuda_path*/) {
+    const c10::List<bool>& output_mask, c10::string_view /*cuda_path*/) {
   const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
   const Dims& d = a.d;
-  Grads grads(d, output_mask, x.options());
+  Grads grads(d, checked_output_mask<5>(output_mask, kRnnGradNames), x.options());
   const cpu::Workspace workspace(d.T * d.B * d.H, x.options());
   const at::Tensor dz = workspace.view({d.T, d.B, d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_cpu_op(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gru_backward_cpu_op(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0,
                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& out,
-                    const at::Tensor& saved, bool reverse, std::array<bool, 6> output_mask,
+                    const at::Tensor& saved, bool reverse, const c10::List<bool>& output_mask,
                     c10::string_view /*cuda_path*/) {
   const GruBackwardArgs a(dout, x, h0, w_ih, w_hh, out, saved);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -101,7 +101,7 @@ gru_backward_cpu_op(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
   const Dims& d = a.d;
   MaskedGrads<6> grads(
       {{{d.T, d.B, d.I}, {d.B, d.H}, {3 * d.H, d.I}, {3 * d.H, d.H}, {3 * d.H}, {3 * d.H}}},
-      output_mask, x.options());
+      checked_output_mask<6>(output_mask, kGruGradNames), x.options());
   const cpu::Workspace workspace(gru_backward_workspace_size(d.T, d.B, d.H), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
@@ -146,7 +146,7 @@ TORCH_LIBRARY(rnnlm_ext, m) {
       "bool reverse, str cuda_path=\"auto\") -> Tensor");
   m.def(
       "rnn_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
-      "str nonlinearity, bool reverse, bool[5] output_mask, str cuda_path=\"auto\") -> "
+      "str nonlinearity, bool reverse, bool[] output_mask, str cuda_path=\"auto\") -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // LSTM: bias is b_ih + b_hh [4H]; out, c [T,B,H] every step's h and c; gates [T,B,4H] the
   // activated i, f, g, o when train (kept for the backward), else empty
@@ -164,7 +164,7 @@ TORCH_LIBRARY(rnnlm_ext, m) {
       "bool reverse, bool train, str cuda_path=\"auto\") -> (Tensor, Tensor)");
   m.def(
       "gru_backward(Tensor dout, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
-      "Tensor saved, bool reverse, bool[6] output_mask, str cuda_path=\"auto\") -> "
+      "Tensor saved, bool reverse, bool[] output_mask, str cuda_path=\"auto\") -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -60,13 +60,13 @@ at::Tensor rnn_forward_cuda_op(const at::Tensor& x, const at::Tensor& h0, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cuda_op(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
-    std::array<bool, 5> output_mask, c10::string_view cuda_path) {
+    const c10::List<bool>& output_mask, c10::string_view cuda_path) {
   const c10::cuda::CUDAGuard guard(x.device());
   const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
   const CudaPath path = parse_path(cuda_path);
   const DType dtype = to_dtype(x.scalar_type());
   const Dims& d = a.d;
-  Grads grads(d, output_mask, x.options());
+  Grads grads(d, checked_output_mask<5>(output_mask, kRnnGradNames), x.options());
   at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
   rnn_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
                     dz.data_ptr(), a.dout.const_data_ptr(), a.x.const_data_ptr(),

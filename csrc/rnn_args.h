@@ -124,6 +124,22 @@ struct BackwardArgs {
         out(out_.contiguous()) {}
 };
 
+// The backward ops' gradients, in their output order (what output_mask's entries ask for)
+inline constexpr char kRnnGradNames[] = "dx, dh0, dw_ih, dw_hh, db";
+inline constexpr char kGruGradNames[] = "dx, dh0, dw_ih, dw_hh, db_ih, db_hh";
+
+// A backward op's output_mask, as the kernels take it. The schemas declare it bool[], not
+// bool[N], so that a wrong length reaches this check, which names it, instead of torch's
+// list-to-array conversion ("a List with 4 elements to a fixed-size array of size 5").
+template <size_t N>
+std::array<bool, N> checked_output_mask(const c10::List<bool>& output_mask, const char* entries) {
+  TORCH_CHECK(output_mask.size() == N, "rnnlm_ext: output_mask must have ", N, " entries (",
+              entries, "), got ", output_mask.size());
+  std::array<bool, N> wanted{};
+  for (size_t i = 0; i < N; ++i) wanted[i] = output_mask[i];
+  return wanted;
+}
+
 // The backward op's gradients, in its output order (dx, dh0, dw_ih, dw_hh, db): each one
 // allocated where output_mask asks for it, an empty [0] tensor otherwise.
 struct Grads {

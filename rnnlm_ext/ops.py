@@ -79,6 +79,15 @@ def _check_args(nonlinearity: str, x: Tensor, w_hh: Tensor, **others: Tensor | N
     return T, B, I, H
 
 
+def _check_output_mask(output_mask: Sequence[bool], names: str) -> None:
+    """A backward op's output_mask has one entry per gradient it returns, `names` in order."""
+    count = len(names.split(", "))
+    torch._check(
+        len(output_mask) == count,
+        lambda: f"rnnlm_ext: output_mask must have {count} entries ({names}), got {len(output_mask)}",
+    )
+
+
 @torch.library.register_fake("rnnlm_ext::rnn_forward")
 def _rnn_forward_fake(
     x: Tensor,
@@ -108,10 +117,7 @@ def _rnn_backward_fake(
     cuda_path: str = "auto",
 ) -> tuple[Tensor, ...]:
     _check_args(nonlinearity, x, w_hh, w_ih=w_ih, h0=h0, dout=dout, out=out)
-    torch._check(
-        len(output_mask) == 5,
-        lambda: f"rnnlm_ext: output_mask must have 5 entries (dx, dh0, dw_ih, dw_hh, db), got {len(output_mask)}",
-    )
+    _check_output_mask(output_mask, "dx, dh0, dw_ih, dw_hh, db")
     shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (w_hh.shape[0],))
     return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
 
@@ -278,6 +284,7 @@ def _gru_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, cuda_path="
 @torch.library.register_fake("rnnlm_ext::gru_backward")
 def _gru_backward_fake(dout, x, h0, w_ih, w_hh, out, saved, reverse, output_mask, cuda_path="auto"):
     _check_gru_args(x, h0, w_ih, w_hh, dout=dout, out=out, saved=saved)
+    _check_output_mask(output_mask, "dx, dh0, dw_ih, dw_hh, db_ih, db_hh")
     G = w_hh.shape[0]
     shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (G,), (G,))
     return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))

@@ -277,6 +277,8 @@ BAD_BACKWARD_ARGUMENTS = [
     (lambda a: {**a, "x": a["x"][0]}, "x must be 3-D"),
     (lambda a: {**a, "w_hh": a["w_hh"][:5]}, "w_hh must have shape"),
     (lambda a: {**a, "h0": a["h0"][:1]}, "h0 must have shape"),
+    (lambda a: {**a, "output_mask": [True] * 5}, "output_mask must have 6 entries"),
+    (lambda a: {**a, "output_mask": [True] * 7}, "output_mask must have 6 entries"),
 ]
 
 

@@ -65,8 +65,9 @@ def test_backward_names_a_missing_tensor(name, device):
         torch.ops.rnnlm_ext.rnn_backward(*args.values())
 
 
-@pytest.mark.parametrize("length", [4, 6])
-def test_fake_backward_names_a_wrong_length_output_mask(length):
-    args = {**backward_args("meta"), "output_mask": [True] * length}
+@pytest.mark.parametrize("device", CHECKED_DEVICES)
+@pytest.mark.parametrize("length", [0, 4, 6])
+def test_backward_names_a_wrong_length_output_mask(length, device):
+    args = {**backward_args(device), "output_mask": [True] * length}
     with pytest.raises(RuntimeError, match="output_mask must have 5 entries"):
         torch.ops.rnnlm_ext.rnn_backward(*args.values())
