@@ -183,11 +183,11 @@ def _epoch_tokens_per_s(model, rows: torch.Tensor, bptt: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def run_throughput(results: dict, repeats: int, cells: list[str]) -> None:
+def run_throughput(results: dict, repeats: int, cells: list[str], row_tokens: int | None = None) -> None:
     """Same model, same batches, each cell on three layers (fused, torch.nn, the reference's loop),
-    timed in turn (interleaved) `repeats` times."""
+    timed in turn (interleaved) `repeats` times; row_tokens: only that much of each row (--quick)."""
     corpus = data.load_corpus("human-numbers")
-    rows = data.batchify(corpus.train, 64)
+    rows = data.batchify(corpus.train, 64)[:, :row_tokens]
     main_job = resolve(TrainConfig())
     setups = [
         ("fastbook size: h64 x2, bs 64, sl 16", dict(hidden_size=64, layers=2)),
@@ -325,8 +325,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: one seed, one epoch per row, one timed repeat, the first 20,000 characters of "
-        "tiny-shakespeare (numbers not comparable to the full run's)",
+        help="a smoke run: one seed, one epoch per row, one timed repeat of 10 batches, the first 200,000 "
+        "characters of tiny-shakespeare (numbers not comparable to the full run's)",
     )
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the JSON and PNG files")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -349,20 +349,20 @@ def main(argv=None) -> None:
         except (ValueError, FileNotFoundError) as err:
             p.error(f"--shakespeare: {err}")
     if args.quick:
-        global FASTBOOK, SEEDS
+        global FASTBOOK
         FASTBOOK = [(name, setup, book, seeds[:1]) for name, setup, book, seeds in FASTBOOK]
         args.repeats, args.shakespeare_epochs = 1, 1
         if "shakespeare" in sections:
             head = os.path.join(args.out, "shakespeare_head.txt")
             with open(head, "w") as f:
-                f.write(corpus_text.vocab.decode(corpus_text.train[:20000]))
+                f.write("".join(corpus_text.vocab.decode(corpus_text.train[:200_000])))
             args.shakespeare = head
     if "fastbook" in sections:
         print("fastbook chapter 12 on Human Numbers, side by side")
         run_fastbook(results, epochs=1 if args.quick else None)
     if "throughput" in sections:
         print("\ntraining throughput of RNNLM on Human Numbers")
-        run_throughput(results, args.repeats, cells)
+        run_throughput(results, args.repeats, cells, row_tokens=160 if args.quick else None)
     if "shakespeare" in sections:
         print("\ntiny-shakespeare, character level")
         run_shakespeare(results, args.shakespeare, args.shakespeare_epochs, args.out, cells)
