@@ -209,3 +209,14 @@ def test_cell_flags_reach_the_model(tmp_path):
     config = json.loads(path.read_text())["config"]
     assert (config["cell"], config["rnn"], config["nonlinearity"]) == ("gru", "torch", "tanh")
     assert math.isfinite(config["lr"])
+
+
+def test_a_run_too_short_for_the_one_cycle_schedule_is_a_clear_error(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("abcdefghij" * 65)  # 520 train characters: 8 rows of 65, 4 batches of 8 x 16
+    args = ["train", "--dataset", str(text), "--level", "char", "--bs", "8", "--bptt", "16", *TINY]
+    assert main(args) == 1
+    assert (
+        "the run has 4 steps (4 batches per epoch × 1); the one-cycle schedule needs at least 5: more --epochs"
+        in capsys.readouterr().err
+    )

@@ -643,6 +643,14 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], explicit: Sequence[str]
     run_data = _load_data(cfg, ckpt, rank, world)
     if rank == 0:
         _check_outputs(cfg)
+    if cfg.epochs * run_data.n_batches < 5:  # OneCycleLR's warm-up (25%) must hold at least one step
+        raise SettingError(
+            f"the run has {cfg.epochs * run_data.n_batches} steps ({run_data.n_batches} batches per epoch × "
+            f"{cfg.epochs}); the one-cycle schedule needs at least 5: more epochs, a smaller bptt or bs",
+            "epochs",
+            "bptt",
+            "bs",
+        )
     model = _build_model(cfg, len(run_data.corpus.vocab))
     opt, sched = make_optimizer(model.parameters(), cfg.lr, cfg.wd, cfg.epochs * run_data.n_batches, moms_of(cfg))
     run = _Run(cfg, rank, world, run_data, model, model, opt, sched, log if rank == 0 else (lambda _: None))
