@@ -37,7 +37,7 @@ BUILDS = [
 def test_new_models_shapes_state_and_one_training_step(name, kw, impl):
     torch.manual_seed(0)
     model = models.build_model(name, V, H, 2, "tanh", impl=impl, **kw)
-    cell = kw.get("cell", models.STACK_MODELS.get(name, models.RNNLM).cell if name != "rnn" else "rnn")
+    cell = kw.get("cell") or models.STACK_MODELS[name].cell
     layer = model.rnn[0] if isinstance(model.rnn, nn.ModuleList) else model.rnn
     assert type(layer) is models.layer_class(impl, cell)
     x = torch.randint(0, V, (4, 6))
