@@ -224,9 +224,9 @@ class WeightDrop(nn.Module):
 def activation_penalty(raw: Tensor, out: Tensor, ar: float, tar: float) -> Tensor:
     """AR + TAR (Merity et al.; fastai's RNNRegularizer) on the last layer's outputs [T,B,H]:
     ar·mean(out²) on the dropped output, tar·mean((raw_t − raw_{t−1})²) on the undropped one."""
-    penalty = ar * out.float().pow(2).mean()
+    penalty = ar * out.pow(2).mean()
     if raw.shape[0] > 1:
-        penalty = penalty + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+        penalty = penalty + tar * (raw[1:] - raw[:-1]).pow(2).mean()
     return penalty
 
 
