@@ -1,16 +1,18 @@
-"""Language-model results: fastbook chapter 12's table side by side with RNNLM, training
-throughput of RNNLM on rnnlm_ext.RNN vs torch.nn.RNN vs the Python-loop reference, and
-tiny-shakespeare at character level with both layers.
+"""Language-model results: fastbook chapter 12's table (LMModel1-7) side by side with RNNLM,
+training throughput of RNNLM on each fused cell vs its torch.nn twin vs the Python-loop
+reference, and tiny-shakespeare at character level on both layers of each cell.
 
 Prints markdown tables; writes OUT/bench_lm.json and the loss-curve plots OUT/*.png.
     python bench/bench_lm.py                     # everything
     python bench/bench_lm.py --sections throughput --repeats 7
+    python bench/bench_lm.py --quick --out /tmp/smoke   # every section, one short epoch each: does it run
     RNNLM_EXT_DATA=../shared/data python bench/bench_lm.py   # tiny-shakespeare from that copy, no download
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -20,26 +22,41 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rnnlm_ext import RNN
 from rnnlm_ext.lm import data, models
-from rnnlm_ext.lm.train import TrainConfig, make_optimizer, train
+from rnnlm_ext.lm.train import RUN_FIELDS, TrainConfig, make_optimizer, resolve, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# fastbook chapter 12: hidden 64, bs 64, fit_one_cycle; valid accuracy of the last epoch in the book
+# fastbook chapter 12 (hidden 64, bs 64, fit_one_cycle): each model's own settings are
+# `rnnlm train --model lmmodelN`'s defaults, the book's (rnnlm_ext.lm.train.MODEL_DEFAULTS).
+# (name, settings, the book's last-epoch valid accuracy, seeds)
+BOOK_RNNLM = dict(hidden_size=64, layers=1, clip=0.0, lr=3e-3)  # LMModel4's setup, on RNNLM
+RECIPE = dict(  # ours: RNNLM on the fused GRU with AWD-LSTM's regularisers, still 15 epochs
+    cell="gru",
+    hidden_size=128,
+    layers=2,
+    output_drop=0.4,
+    hidden_drop=0.2,
+    weight_drop=0.2,
+    ar=2.0,
+    tar=1.0,
+    lr=1e-2,
+    wd=0.1,
+    clip=0.0,
+)
+SEEDS = (42, 43, 44)
 FASTBOOK = [
-    ("LMModel1", dict(model="lmmodel1", bptt=3, epochs=4, lr=1e-3), 0.494),
-    ("LMModel2", dict(model="lmmodel2", bptt=3, epochs=4, lr=1e-3), 0.470),
-    ("LMModel3", dict(model="lmmodel3", bptt=3, epochs=10, lr=3e-3), 0.589),
-    ("LMModel4", dict(model="lmmodel4", bptt=16, epochs=15, lr=3e-3), 0.640),
-    (
-        "RNNLM, shared-weight cell on the fused op (= LMModel4)",
-        dict(model="shared", bptt=16, epochs=15, lr=3e-3),
-        0.640,
-    ),
-    ("RNNLM, fused Elman layer", dict(model="rnn", bptt=16, epochs=15, lr=3e-3), None),
+    ("LMModel1", dict(model="lmmodel1"), 0.494, (42,)),
+    ("LMModel2", dict(model="lmmodel2"), 0.470, (42,)),
+    ("LMModel3", dict(model="lmmodel3"), 0.589, (42,)),
+    ("LMModel4", dict(model="lmmodel4"), 0.640, (42,)),
+    ("RNNLM, shared-weight cell on the fused op (= LMModel4)", dict(model="shared", **BOOK_RNNLM), 0.640, (42,)),
+    ("RNNLM, fused Elman layer", dict(model="rnn", **BOOK_RNNLM), None, (42,)),
+    ("LMModel5 (2-layer RNN, fused)", dict(model="lmmodel5"), 0.488, (42,)),
+    ("LMModel6 (2-layer LSTM, fused)", dict(model="lmmodel6"), 0.758, SEEDS),
+    ("LMModel7 (LSTM, dropout, AR, TAR, tied; fused)", dict(model="lmmodel7"), 0.869, SEEDS),
+    ("ours: RNNLM, fused GRU h128 x2, AWD regularisers", RECIPE, None, SEEDS),
 ]
-BOOK_SETUP = dict(hidden_size=64, layers=1, bs=64, clip=0.0, dropout=0.0)  # fastai's Learner: no clipping
 
 
 def quiet(_):
@@ -83,38 +100,71 @@ def fastbook_windows(name: str, epochs: int, lr: float, seed: int = 42) -> float
     return correct / len(valid_idx)
 
 
-def run_fastbook(results: dict) -> None:
+def _setup_text(c: dict) -> str:
+    """A run's settings in a table cell: 'lstm h64 x2, sl 16, 15 ep, lr 0.01, wd 0.1, dropout 0.4, AR 2, TAR 1'."""
+    text = (
+        f"{c['cell']} h{c['hidden_size']} x{c['layers']}"
+        if c["model"] in ("rnn", "lmmodel5", "lmmodel6", "lmmodel7")
+        else f"h{c['hidden_size']}"
+    )
+    text += f", sl {c['bptt']}, {c['epochs']} ep, lr {c['lr']:g}, wd {c['wd']:g}"
+    for key, label in (
+        ("clip", "clip"),
+        ("dropout", "dropout"),
+        ("embed_drop", "embed drop"),
+        ("input_drop", "input drop"),
+        ("hidden_drop", "hidden drop"),
+        ("output_drop", "output drop"),
+        ("weight_drop", "weight drop"),
+        ("ar", "AR"),
+        ("tar", "TAR"),
+    ):
+        text += f", {label} {c[key]:g}" if c[key] else ""
+    text += ", tied" if c["tie_weights"] else ""
+    text += f", moms {c['moms']}" if c["moms"] != "0.95,0.85" else ""
+    return text
+
+
+def run_fastbook(results: dict, epochs: int | None = None) -> None:
+    """Every row of FASTBOOK (and `rnnlm train`'s defaults) with its seeds; epochs: all rows cut short (--quick)."""
     rows = []
-    for name, setup, book in [*FASTBOOK, ("RNNLM, `rnnlm train`'s defaults", {}, None)]:
-        cfg = TrainConfig(**({**BOOK_SETUP, **setup} if setup else {}), progress=False)
-        t0 = time.perf_counter()
-        r = train(cfg, log=quiet)
+    for name, setup, book, seeds in [*FASTBOOK, ("RNNLM, `rnnlm train`'s defaults", {}, None, (42,))]:
+        runs = []
+        for seed in seeds:
+            cfg = resolve(TrainConfig(**setup, seed=seed, progress=False, **({"epochs": epochs} if epochs else {})))
+            t0 = time.perf_counter()
+            r = train(cfg, log=quiet)
+            runs.append(dict(seed=seed, time_s=time.perf_counter() - t0, **r["final"]))
+        accuracies = [run["valid_accuracy"] for run in runs]
         row = dict(
             name=name,
             book=book,
-            config={
-                k: getattr(cfg, k)
-                for k in ("model", "hidden_size", "layers", "bptt", "epochs", "lr", "dropout", "clip")
-            },
-            time_s=time.perf_counter() - t0,
-            **r["final"],
+            config={k: v for k, v in dataclasses.asdict(cfg).items() if k in RUN_FIELDS and k != "seed"},
+            runs=runs,
+            valid_accuracy=statistics.median(accuracies),
+            accuracy_range=[min(accuracies), max(accuracies)],
+            valid_loss=statistics.median(run["valid_loss"] for run in runs),
+            time_s=statistics.median(run["time_s"] for run in runs),
         )
         if cfg.bptt == 3:
             row["book_pipeline_accuracy"] = fastbook_windows(cfg.model, cfg.epochs, cfg.lr)
         rows.append(row)
-        print(f"  {name}: accuracy {r['final']['valid_accuracy']:.3f} in {row['time_s']:.1f}s", flush=True)
+        print(f"  {name}: accuracy {row['valid_accuracy']:.3f} ({len(runs)} seeds) in {row['time_s']:.1f}s", flush=True)
     results["fastbook"] = rows
-    print("\n| model | setup | book | book's pipeline, here | in-order stream (`rnnlm train`) | valid loss | time |")
+    print(
+        "\n| model | setup | book | book's pipeline, here | in-order stream (`rnnlm train`): median [range] of seeds "
+        "| valid loss | time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        c = r["config"]
-        setup = f"h{c['hidden_size']} x{c['layers']}, sl {c['bptt']}, {c['epochs']} ep, lr {c['lr']:g}"
-        setup += f", clip {c['clip']:g}" if c["clip"] else ""
-        setup += f", dropout {c['dropout']:g}" if c["dropout"] else ""
         book = f"{r['book']:.3f}" if r["book"] is not None else "–"
         pipeline = f"{r['book_pipeline_accuracy']:.3f}" if "book_pipeline_accuracy" in r else "(same as right)"
+        lo, hi = r["accuracy_range"]
+        accuracy = f"{r['valid_accuracy']:.3f}" + (
+            f" [{lo:.3f}, {hi:.3f}] ({len(r['runs'])} seeds)" if len(r["runs"]) > 1 else ""
+        )
         print(
-            f"| {r['name']} | {setup} | {book} | {pipeline} | {r['valid_accuracy']:.3f} | {r['valid_loss']:.3f} "
+            f"| {r['name']} | {_setup_text(r['config'])} | {book} | {pipeline} | {accuracy} | {r['valid_loss']:.3f} "
             f"| {r['time_s']:.1f}s |"
         )
 
@@ -133,95 +183,102 @@ def _epoch_tokens_per_s(model, rows: torch.Tensor, bptt: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def run_throughput(results: dict, repeats: int) -> None:
-    """Same model, same batches, three recurrent layers, timed in turn (interleaved) `repeats` times."""
+def run_throughput(results: dict, repeats: int, cells: list[str], row_tokens: int | None = None) -> None:
+    """Same model, same batches, each cell on three layers (fused, torch.nn, the reference's loop),
+    timed in turn (interleaved) `repeats` times; row_tokens: only that much of each row (--quick)."""
     corpus = data.load_corpus("human-numbers")
-    rows = data.batchify(corpus.train, 64)
-    default = TrainConfig()
+    rows = data.batchify(corpus.train, 64)[:, :row_tokens]
+    main_job = resolve(TrainConfig())
     setups = [
-        ("fastbook size: h64 x1, bs 64, sl 16", dict(hidden_size=64, layers=1)),
+        ("fastbook size: h64 x2, bs 64, sl 16", dict(hidden_size=64, layers=2)),
         (
-            f"`rnnlm train`'s size: h{default.hidden_size} x{default.layers}, bs 64, sl 16",
-            dict(hidden_size=default.hidden_size, layers=default.layers),
+            f"`rnnlm train`'s size: h{main_job.hidden_size} x{main_job.layers}, bs 64, sl 16",
+            dict(hidden_size=main_job.hidden_size, layers=main_job.layers),
         ),
     ]
     out = []
-    for label, size in setups:
-        built = {}
-        # the same weights (one seed) on rnnlm_ext.RNN, nn.RNN and rnnlm_ext.RNN running the reference's loop
-        layers = {"fused": RNN, "torch": torch.nn.RNN, "reference": functools.partial(RNN, impl="reference")}
-        for impl, rnn_cls in layers.items():
-            torch.manual_seed(0)
-            built[impl] = models.RNNLM(len(corpus.vocab), size["hidden_size"], size["layers"], "relu", rnn_cls=rnn_cls)
-        speeds = {impl: [] for impl in built}
-        for rep in range(repeats + 1):  # the first round warms up and is not counted
-            for impl, model in built.items():
-                tps = _epoch_tokens_per_s(model, rows, 16)
-                if rep:
-                    speeds[impl].append(tps)
-        med = {impl: statistics.median(v) for impl, v in speeds.items()}
-        out.append(
-            dict(
-                setup=label,
-                tokens_per_s=med,
-                all_runs=speeds,
-                fused_over_torch=med["fused"] / med["torch"],
-                fused_over_reference=med["fused"] / med["reference"],
+    for cell in cells:
+        fused_cls = models.layer_class("fused", cell)
+        layers = {
+            "fused": fused_cls,
+            "torch": models.layer_class("torch", cell),
+            "reference": functools.partial(fused_cls, impl="reference"),
+        }
+        for label, size in setups:
+            built = {}
+            for impl, layer_cls in layers.items():
+                torch.manual_seed(0)  # the same weights on all three
+                built[impl] = models.RNNLM(
+                    len(corpus.vocab), size["hidden_size"], size["layers"], "relu", cell=cell, layer_cls=layer_cls
+                )
+            speeds = {impl: [] for impl in built}
+            for rep in range(repeats + 1):  # the first round warms up and is not counted
+                for impl, model in built.items():
+                    tps = _epoch_tokens_per_s(model, rows, 16)
+                    if rep:
+                        speeds[impl].append(tps)
+            med = {impl: statistics.median(v) for impl, v in speeds.items()}
+            out.append(
+                dict(
+                    cell=cell,
+                    setup=label,
+                    tokens_per_s=med,
+                    all_runs=speeds,
+                    fused_over_torch=med["fused"] / med["torch"],
+                    fused_over_reference=med["fused"] / med["reference"],
+                )
             )
-        )
-        print(f"  {label}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items()), flush=True)
+            print(f"  {cell}, {label}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items()), flush=True)
     results["throughput"] = out
     print(
-        f"\n| setup (train, median of {repeats} epochs each) | fused tok/s | nn.RNN tok/s | reference tok/s "
-        "| fused ÷ nn.RNN | fused ÷ reference |"
+        f"\n| cell | setup (train, median of {repeats} epochs each) | fused tok/s | torch.nn tok/s | reference tok/s "
+        "| fused ÷ torch.nn | fused ÷ reference |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in out:
         t = r["tokens_per_s"]
         print(
-            f"| {r['setup']} | {t['fused']:,.0f} | {t['torch']:,.0f} | {t['reference']:,.0f} "
+            f"| {r['cell']} | {r['setup']} | {t['fused']:,.0f} | {t['torch']:,.0f} | {t['reference']:,.0f} "
             f"| {r['fused_over_torch']:.2f}x | {r['fused_over_reference']:.2f}x |"
         )
 
 
-def run_shakespeare(results: dict, dataset: str, epochs: int, out_dir: str) -> None:
-    runs = {}
-    for impl in ("fused", "torch"):
-        cfg = TrainConfig(
-            dataset=dataset,
-            level="char",
-            rnn=impl,
-            hidden_size=256,
-            layers=2,
-            bptt=64,
-            bs=64,
-            epochs=epochs,
-            lr=3e-3,
-            dropout=0.1,
-            progress=False,
-        )
-        t0 = time.perf_counter()
-        r = train(cfg, log=quiet)
-        runs[impl] = dict(time_s=time.perf_counter() - t0, epochs=r["epochs"], **r["final"])
-        print(
-            f"  {impl}: valid loss {r['final']['valid_loss']:.4f} nats/char in {runs[impl]['time_s']:.0f}s", flush=True
-        )
-    results["shakespeare"] = dict(
-        config=dict(hidden_size=256, layers=2, bptt=64, bs=64, epochs=epochs, lr=3e-3, dropout=0.1), runs=runs
-    )
+SHAKESPEARE = dict(hidden_size=256, layers=2, bptt=64, bs=64, lr=3e-3, dropout=0.1)
+LAYER_NAMES = {"fused": "rnnlm_ext.{}", "torch": "torch.nn.{}"}
+
+
+def run_shakespeare(results: dict, dataset: str, epochs: int, out_dir: str, cells: list[str]) -> None:
+    """Each cell, fused and torch.nn, same seed and settings; one loss-curve plot per cell."""
+    by_cell = {}
+    for cell in cells:
+        runs = {}
+        for impl in ("fused", "torch"):
+            cfg = TrainConfig(
+                dataset=dataset, level="char", rnn=impl, cell=cell, epochs=epochs, progress=False, **SHAKESPEARE
+            )
+            t0 = time.perf_counter()
+            r = train(cfg, log=quiet)
+            runs[impl] = dict(time_s=time.perf_counter() - t0, epochs=r["epochs"], **r["final"])
+            print(
+                f"  {cell} {impl}: valid loss {r['final']['valid_loss']:.4f} nats/char in {runs[impl]['time_s']:.0f}s",
+                flush=True,
+            )
+        by_cell[cell] = runs
+        _plot(runs, models.CELLS[cell], os.path.join(out_dir, f"shakespeare_{cell}_loss.png"))
+    results["shakespeare"] = dict(config=dict(epochs=epochs, **SHAKESPEARE), runs=by_cell)
     print(
         "\n| tiny-shakespeare, char level (h256 x2, sl 64, bs 64) | valid loss (nats/char) | perplexity "
         "| tokens/s | time |"
     )
     print("|---|---|---|---|---|")
-    for impl, r in runs.items():
-        name = "rnnlm_ext.RNN" if impl == "fused" else "torch.nn.RNN"
-        loss, ppl, speed = f"{r['valid_loss']:.4f}", f"{r['perplexity']:.3f}", f"{r['tokens_per_s']:,.0f}"
-        print(f"| {name} | {loss} | {ppl} | {speed} | {r['time_s']:.0f}s |")
-    _plot(runs, os.path.join(out_dir, "shakespeare_loss.png"))
+    for cell, runs in by_cell.items():
+        for impl, r in runs.items():
+            name = LAYER_NAMES[impl].format(models.CELLS[cell])
+            loss, ppl, speed = f"{r['valid_loss']:.4f}", f"{r['perplexity']:.3f}", f"{r['tokens_per_s']:,.0f}"
+            print(f"| {name} | {loss} | {ppl} | {speed} | {r['time_s']:.0f}s |")
 
 
-def _plot(runs: dict, path: str) -> None:
+def _plot(runs: dict, layer: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,7 +286,7 @@ def _plot(runs: dict, path: str) -> None:
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
     for impl, r in runs.items():
-        name = "rnnlm_ext.RNN" if impl == "fused" else "torch.nn.RNN"
+        name = LAYER_NAMES[impl].format(layer)
         losses = [v for e in r["epochs"] for v in e["step_losses"]]
         per_step = sum(e["train_time"] for e in r["epochs"]) / len(losses)
         smooth = [sum(losses[max(0, i - 19) : i + 1]) / len(losses[max(0, i - 19) : i + 1]) for i in range(len(losses))]
@@ -256,6 +313,7 @@ def main(argv=None) -> None:
         default="fastbook,throughput,shakespeare",
         help="comma-separated: fastbook, throughput, shakespeare",
     )
+    p.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cells of throughput and shakespeare")
     p.add_argument("--repeats", type=int, default=5, help="timed training epochs per layer (throughput)")
     p.add_argument(
         "--shakespeare",
@@ -264,6 +322,12 @@ def main(argv=None) -> None:
         "~/.cache/rnnlm_ext, downloaded there once), or a text file",
     )
     p.add_argument("--shakespeare-epochs", type=int, default=2)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one seed, one epoch per row, one timed repeat of 10 batches, the first 200,000 "
+        "characters of tiny-shakespeare (numbers not comparable to the full run's)",
+    )
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the JSON and PNG files")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
@@ -271,25 +335,37 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as train() does, for the throughput section that does not call it
     os.makedirs(args.out, exist_ok=True)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
     sections = args.sections.split(",")
     unknown = set(sections) - {"fastbook", "throughput", "shakespeare"}
     if unknown:
         p.error(f"--sections: unknown {', '.join(sorted(unknown))}")
+    cells = args.cells.split(",")
+    if set(cells) - set(models.CELLS):
+        p.error(f"--cells: unknown {', '.join(sorted(set(cells) - set(models.CELLS)))}")
     if "shakespeare" in sections:
         try:  # fetched, or refused, now rather than after the other sections
-            data.load_corpus(args.shakespeare, "char")
+            corpus_text = data.load_corpus(args.shakespeare, "char")
         except (ValueError, FileNotFoundError) as err:
             p.error(f"--shakespeare: {err}")
+    if args.quick:
+        global FASTBOOK
+        FASTBOOK = [(name, setup, book, seeds[:1]) for name, setup, book, seeds in FASTBOOK]
+        args.repeats, args.shakespeare_epochs = 1, 1
+        if "shakespeare" in sections:
+            head = os.path.join(args.out, "shakespeare_head.txt")
+            with open(head, "w") as f:
+                f.write("".join(corpus_text.vocab.decode(corpus_text.train[:200_000])))
+            args.shakespeare = head
     if "fastbook" in sections:
         print("fastbook chapter 12 on Human Numbers, side by side")
-        run_fastbook(results)
+        run_fastbook(results, epochs=1 if args.quick else None)
     if "throughput" in sections:
         print("\ntraining throughput of RNNLM on Human Numbers")
-        run_throughput(results, args.repeats)
+        run_throughput(results, args.repeats, cells, row_tokens=160 if args.quick else None)
     if "shakespeare" in sections:
         print("\ntiny-shakespeare, character level")
-        run_shakespeare(results, args.shakespeare, args.shakespeare_epochs, args.out)
+        run_shakespeare(results, args.shakespeare, args.shakespeare_epochs, args.out, cells)
     path = os.path.join(args.out, "bench_lm.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)

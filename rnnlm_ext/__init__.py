@@ -1,6 +1,6 @@
-"""rnnlm_ext: a fused C++/CUDA Elman RNN for PyTorch and a from-scratch RNN language model."""
+"""rnnlm_ext: fused C++/CUDA RNN, LSTM and GRU layers for PyTorch and a from-scratch RNN language model."""
 
 from rnnlm_ext._version import __version__
-from rnnlm_ext.rnn import RNN
+from rnnlm_ext.rnn import GRU, LSTM, RNN
 
-__all__ = ["RNN", "__version__"]
+__all__ = ["GRU", "LSTM", "RNN", "__version__"]

@@ -11,7 +11,7 @@ import pytest
 from rnnlm_ext.lm import data, models
 from rnnlm_ext.lm.cli import main
 from rnnlm_ext.lm.generate import generate
-from rnnlm_ext.lm.train import TrainConfig
+from rnnlm_ext.lm.train import TrainConfig, resolve
 
 TINY = ["--hidden", "16", "--layers", "1", "--epochs", "1", "--no-progress"]
 
@@ -105,7 +105,7 @@ def test_char_level_text_file_through_the_console_entry(tmp_path):
         (["--resume", "CORRUPT"], "--resume: .* is not a readable checkpoint"),
         (["--hidden", "0"], "--hidden must be >= 1, got 0"),
         (["--save-every", "-1"], "--save-every must be >= 0"),
-        (["--model", "lmmodel4", "--tie-weights"], "--tie-weights needs --model rnn or shared"),
+        (["--model", "lmmodel4", "--tie-weights"], "--tie-weights needs --model rnn, shared or lmmodel5-7"),
         (["--lr", "1e12", "--clip", "0"], "new run with a lower --lr or a smaller --clip \\(--resume keeps"),
     ],
 )
@@ -198,10 +198,12 @@ def test_train_help_has_a_flag_with_its_default_for_every_setting(capsys):
         main(["train", "--help"])
     options = " ".join(capsys.readouterr().out.split("options:")[1].split())
     for flag, default in [
-        ("--hidden HIDDEN_SIZE", "(default: 256)"),
-        ("--dropout DROPOUT", "(default: 0.0)"),
+        ("--hidden HIDDEN_SIZE", "(default: 256 for rnn, shared; 64 for lmmodel1-7)"),
+        ("--dropout DROPOUT", "(default: 0.0 for rnn, shared, lmmodel1-6; 0.4 for lmmodel7)"),
         ("--save-every STEPS", "(default: 0)"),
-        ("--lr LR", "(default: 0.003)"),
+        ("--lr LR", "(default: 0.003 for rnn, shared, lmmodel3-5; 0.001 for lmmodel1-2; 0.01 for lmmodel6-7)"),
+        ("--weight-drop WEIGHT_DROP", "(default: 0.0)"),
+        ("--ar AR", "(default: 0.0 for rnn, shared, lmmodel1-6; 2.0 for lmmodel7)"),
     ]:
         assert default in options[options.index(flag) :].split(" --")[0], flag
     assert "--progress, --no-progress" in options and "--tie-weights" in options
@@ -235,7 +237,7 @@ def test_flags_reach_the_settings_they_name(tmp_path):
     )
     config = json.loads(out.read_text())["config"]
     expected = {
-        **vars(TrainConfig()),
+        **vars(resolve(TrainConfig())),
         "hidden_size": 8,
         "layers": 1,
         "epochs": 1,

@@ -30,6 +30,9 @@ STATEFUL = [
     ("rnn", {"nonlinearity": "relu"}),
     ("shared", {"num_layers": 2}),
     ("lmmodel4", {}),
+    ("lstm", {"num_layers": 2}),
+    ("gru", {"num_layers": 2}),
+    ("lstm", {"num_layers": 2, "layer_cls": nn.LSTM}),
 ]
 
 
@@ -57,7 +60,8 @@ def test_gradients_of_a_batch_stop_at_its_start(name, kw):
     x = torch.randint(0, V, (2, 10))
     out1 = model(x[:, :5])
     carried = model.h
-    assert not carried.requires_grad and carried.grad_fn is None
+    for part in carried if isinstance(carried, tuple) else (carried,):  # the LSTM carries (h, c)
+        assert not part.requires_grad and part.grad_fn is None
     out2 = model(x[:, 5:])
     (grad_out1,) = torch.autograd.grad(out2.sum(), out1, allow_unused=True)
     assert grad_out1 is None  # nothing of batch 2 depends on batch 1's graph
@@ -80,7 +84,7 @@ def _graph_size(t):
     return len(seen)
 
 
-@pytest.mark.parametrize("name,kw", [("rnn", {"num_layers": 2}), ("lmmodel4", {})])
+@pytest.mark.parametrize("name,kw", [("rnn", {"num_layers": 2}), ("lstm", {"num_layers": 2}), ("lmmodel4", {})])
 def test_graph_and_memory_stay_flat_over_1000_batches(name, kw):
     model = _stateful(name, torch.float32, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -117,7 +121,7 @@ def test_reset_and_batch_size_change_start_from_zeros(name, kw):
 def test_fused_and_nn_rnn_give_the_same_losses_and_gradients(nonlinearity, layers):
     torch.manual_seed(1)
     fused = models.RNNLM(13, 9, layers, nonlinearity, tie_weights=True).double()
-    ref = models.RNNLM(13, 9, layers, nonlinearity, tie_weights=True, rnn_cls=nn.RNN).double()
+    ref = models.RNNLM(13, 9, layers, nonlinearity, tie_weights=True, layer_cls=nn.RNN).double()
     ref.load_state_dict(fused.state_dict())
     x = torch.randint(0, 13, (5, 3 * 7 + 1))
     for i in range(0, 21, 7):  # three stateful batches, the state carried between them
@@ -140,8 +144,8 @@ def test_shared_weight_cell_is_lmmodel4_with_the_fused_op():
     seed = models.RNNLM(V, H, cell="shared").double()
     with torch.no_grad():
         seed.i_h.weight.copy_(m4.i_h.weight)
-        seed.rnn.weight[0].copy_(m4.h_h.weight)
-        seed.rnn.bias[0].copy_(m4.h_h.bias)
+        seed.rnn[0].weight[0].copy_(m4.h_h.weight)
+        seed.rnn[0].bias[0].copy_(m4.h_h.bias)
         seed.h_o.weight.copy_(m4.h_o.weight)
         seed.h_o.bias.copy_(m4.h_o.bias)
     x = torch.randint(0, V, (3, 9))
@@ -149,7 +153,7 @@ def test_shared_weight_cell_is_lmmodel4_with_the_fused_op():
     assert_rel_close(out_seed, out_m4, 1e-10, "logits")
     out_seed.square().sum().backward()
     out_m4.square().sum().backward()
-    assert_rel_close(seed.rnn.weight[0].grad, m4.h_h.weight.grad, 1e-10, "grad of the shared W")
+    assert_rel_close(seed.rnn[0].weight[0].grad, m4.h_h.weight.grad, 1e-10, "grad of the shared W")
     assert_rel_close(seed.i_h.weight.grad, m4.i_h.weight.grad, 1e-10, "grad of the embedding")
 
 

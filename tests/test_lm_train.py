@@ -22,6 +22,7 @@ from rnnlm_ext.lm.train import (
     _atomic_save,
     _perplexity,
     load_checkpoint,
+    resolve,
     train,
 )
 
@@ -103,7 +104,7 @@ def test_corrupt_and_missing_checkpoints_are_reported(tmp_path):
         ("min_freq", 0, "min_freq must be >= 1"),
         ("max_vocab", 0, "max_vocab must be >= 1"),
         ("nonlinearity", "gelu", "nonlinearity must be relu or tanh"),
-        ("tie_weights", True, "tie_weights needs model rnn or shared"),
+        ("tie_weights", True, "tie_weights needs model rnn, shared or lmmodel5-7"),
     ],
 )
 def test_bad_settings_name_the_parameter(field, value, message):
@@ -281,7 +282,7 @@ def test_a_checkpoint_stores_every_run_setting_under_its_parameter_name(tmp_path
     cfg = TrainConfig(**SMALL, save=run, stop_after=3)
     train(cfg, log=quiet)
     ckpt = load_checkpoint(run)
-    assert ckpt["config"] == {k: getattr(cfg, k) for k in RUN_FIELDS}
+    assert ckpt["config"] == {k: getattr(resolve(cfg), k) for k in RUN_FIELDS}
     assert ckpt["config"]["hidden_size"] == 16 and "hidden" not in ckpt["config"]
     assert ckpt["hidden_state"].shape == (2, 64, 16)  # [L,B,H], the carried state mid-epoch
     sums = ckpt["per_rank"][0]["sums"]  # the epoch's running sums after its first three steps

@@ -13,7 +13,14 @@ import warnings
 from rnnlm_ext import benchmark
 from rnnlm_ext.lm.errors import CheckpointWarning, TrainingError
 from rnnlm_ext.lm.generate import generate
-from rnnlm_ext.lm.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from rnnlm_ext.lm.train import (
+    MODEL_DEFAULTS,
+    TrainConfig,
+    load_checkpoint,
+    model_default_help,
+    model_from_checkpoint,
+    train,
+)
 
 
 def _train_parser(sub) -> tuple[argparse.ArgumentParser, dict[str, str]]:
@@ -23,6 +30,8 @@ def _train_parser(sub) -> tuple[argparse.ArgumentParser, dict[str, str]]:
         help="train a language model with stateful truncated BPTT",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
+        description="A setting left unset takes its model's value: the main job's for rnn and shared, "
+        "the book's for lmmodel1-7 (so `rnnlm train --model lmmodel7` alone is chapter 12's LMModel7 run).",
     )
     types = typing.get_type_hints(TrainConfig)
     flags = {}
@@ -31,6 +40,10 @@ def _train_parser(sub) -> tuple[argparse.ArgumentParser, dict[str, str]]:
         flag, help = cli.pop("flag", "--" + f.name.replace("_", "-")), cli.pop("help")
         # Optional[X] -> X
         kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])
+        # unset: the model's value (the book's for its models), which the help spells out
+        per_model = f.name in MODEL_DEFAULTS["rnn"]
+        if per_model:
+            help += f" (default: {model_default_help(f.name)})"
         if kind is bool and f.default is None:  # unset means "decide for me": --x, --no-x or neither
             p.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help
@@ -38,7 +51,8 @@ def _train_parser(sub) -> tuple[argparse.ArgumentParser, dict[str, str]]:
         elif kind is bool:
             p.add_argument(flag, dest=f.name, action="store_true", help=help)
         else:
-            p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help, **cli)
+            default = argparse.SUPPRESS if per_model else f.default
+            p.add_argument(flag, dest=f.name, type=kind, default=default, help=help, **cli)
         flags[f.name] = flag
     return p, flags
 

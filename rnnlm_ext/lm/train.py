@@ -33,11 +33,81 @@ from rnnlm_ext._files import atomic_write, check_writable
 from rnnlm_ext.lm import data, models
 from rnnlm_ext.lm.errors import CheckpointWarning, SettingError, TrainingError
 from rnnlm_ext.reference import NONLINEARITIES
-from rnnlm_ext.rnn import RNN
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "rnnlm_ext checkpoint 2"  # the payload and its SHA-256
-RNN_CLASSES = {"fused": RNN, "torch": nn.RNN}
+
+# What a setting left unset (None) is, by model: the main job's values for rnn and shared, the
+# book's for its models (hidden 64, bs 64, fit_one_cycle, no clipping as fastai's Learner; the
+# epochs, lr, wd, dropout, AR and TAR of each model's run in chapter 12).
+_MAIN_JOB = dict(
+    cell="rnn",
+    hidden_size=256,
+    layers=2,
+    nonlinearity="relu",
+    dropout=0.0,
+    tie_weights=False,
+    bptt=16,
+    epochs=15,
+    lr=3e-3,
+    wd=0.01,
+    moms="0.95,0.85",
+    clip=1.0,
+    ar=0.0,
+    tar=0.0,
+)
+_BOOK = {**_MAIN_JOB, "hidden_size": 64, "clip": 0.0}
+MODEL_DEFAULTS = {
+    "rnn": _MAIN_JOB,
+    "shared": _MAIN_JOB,
+    "lmmodel1": {**_BOOK, "layers": 1, "bptt": 3, "epochs": 4, "lr": 1e-3},
+    "lmmodel2": {**_BOOK, "layers": 1, "bptt": 3, "epochs": 4, "lr": 1e-3},
+    "lmmodel3": {**_BOOK, "layers": 1, "bptt": 3, "epochs": 10},
+    "lmmodel4": {**_BOOK, "layers": 1},
+    "lmmodel5": {**_BOOK, "nonlinearity": "tanh"},  # nn.RNN's default
+    "lmmodel6": {**_BOOK, "cell": "lstm", "nonlinearity": "tanh", "lr": 1e-2},
+    # the book's trained row: TextLearner(LMModel7(..., 0.4)), whose defaults are AR 2, TAR 1 and
+    # momentum 0.8 -> 0.7 -> 0.8; fit_one_cycle(15, 1e-2, wd=0.1)
+    "lmmodel7": {
+        **_BOOK,
+        "cell": "lstm",
+        "nonlinearity": "tanh",
+        "lr": 1e-2,
+        "wd": 0.1,
+        "dropout": 0.4,
+        "tie_weights": True,
+        "ar": 2.0,
+        "tar": 1.0,
+        "moms": "0.8,0.7",
+    },
+}
+AWD_DROPS = ("embed_drop", "input_drop", "hidden_drop", "output_drop", "weight_drop")  # RNNLM's only
+
+
+def _models_help(names: list[str]) -> str:
+    """'rnn, shared, lmmodel1-4' for a list of model names in MODELS' order."""
+    parts, run = [], []
+    for name in [*names, None]:
+        if name is not None and name.startswith("lmmodel") and (not run or int(name[7:]) == int(run[-1][7:]) + 1):
+            run.append(name)
+            continue
+        if run:
+            parts.append(run[0] if len(run) == 1 else f"{run[0]}-{run[-1][7:]}")
+            run = [name] if name is not None and name.startswith("lmmodel") else []
+        if name is not None and not name.startswith("lmmodel"):
+            parts.append(name)
+    return ", ".join(parts)
+
+
+def model_default_help(name: str) -> str:
+    """What an unset setting becomes, per model, for the help: '64 for lmmodel1-7; 256 for rnn, shared'."""
+    by_value = {}
+    for model, defaults in MODEL_DEFAULTS.items():
+        by_value.setdefault(defaults[name], []).append(model)
+    if len(by_value) == 1:
+        return f"{next(iter(by_value))}"
+    text = "; ".join(f"{value} for {_models_help(names)}" for value, names in by_value.items())
+    return text + ("; tanh for the lstm and gru cells" if name == "nonlinearity" else "")
 
 
 def _setting(default, help: str, **cli):
@@ -60,23 +130,45 @@ class TrainConfig:
     )
     model: str = _setting(
         "rnn",
-        "rnn: RNNLM on --rnn; shared: LMModel4's shared-weight cell on the fused layer; lmmodel1-4: fastbook's",
+        "rnn: RNNLM on --rnn's --cell; shared: LMModel4's shared-weight cell on the fused layer; lmmodel1-7: "
+        "fastbook's (lmmodel5-7 on --rnn's layers)",
         choices=list(models.MODELS),
     )
     rnn: str = _setting(
-        "fused", "recurrent layer of --model rnn: fused (rnnlm_ext.RNN) or torch (nn.RNN)", choices=sorted(RNN_CLASSES)
+        "fused",
+        "recurrent layers of --model rnn and lmmodel5-7: fused (rnnlm_ext.RNN, LSTM, GRU) or torch (torch.nn's)",
+        choices=list(models.LAYER_CLASSES),
     )
-    layers: int = _setting(2, "recurrent layers")
-    hidden_size: int = _setting(256, "hidden units per layer (also the embedding size)", flag="--hidden")
-    nonlinearity: str = _setting("relu", "the recurrent activation", choices=list(NONLINEARITIES))
-    dropout: float = _setting(0.0, "dropout probability in [0, 1)")
-    tie_weights: bool = _setting(False, "share the embedding with the output layer")
-    bptt: int = _setting(16, "tokens per batch row (truncated BPTT length)")
+    cell: str | None = _setting(
+        None, "the recurrent cell of --model rnn (lmmodel5-7 fix theirs)", choices=list(models.CELLS)
+    )
+    layers: int | None = _setting(None, "recurrent layers")
+    hidden_size: int | None = _setting(None, "hidden units per layer (also the embedding size)", flag="--hidden")
+    nonlinearity: str | None = _setting(None, "the Elman cell's activation", choices=list(NONLINEARITIES))
+    dropout: float | None = _setting(
+        None,
+        "plain dropout in [0, 1): rnn and shared on the embeddings, between layers and before the output "
+        "layer; lmmodel5-7 before the output layer",
+    )
+    embed_drop: float = _setting(0.0, "rnn, shared: drop whole embedding rows (words) with this probability")
+    input_drop: float = _setting(0.0, "rnn, shared: variational dropout (one mask per sequence) on the embeddings")
+    hidden_drop: float = _setting(0.0, "rnn, shared: variational dropout between recurrent layers")
+    output_drop: float = _setting(0.0, "rnn, shared: variational dropout on the last layer's output")
+    weight_drop: float = _setting(0.0, "rnn: DropConnect on every layer's W_hh (a fresh mask each batch)")
+    ar: float | None = _setting(None, "activation regularisation: ar·mean(out²) of the last layer's dropped output")
+    tar: float | None = _setting(
+        None, "temporal activation regularisation: tar·mean((h_t − h_{t−1})²) of the last layer's undropped output"
+    )
+    tie_weights: bool | None = _setting(None, "share the embedding with the output layer")
+    bptt: int | None = _setting(None, "tokens per batch row (truncated BPTT length)")
     bs: int = _setting(64, "batch rows per process")
-    epochs: int = _setting(15, "passes over the train stream")
-    lr: float = _setting(3e-3, "peak learning rate of the one-cycle schedule")
-    wd: float = _setting(0.01, "AdamW's decoupled weight decay")
-    clip: float = _setting(1.0, "max gradient norm (0: off)")
+    epochs: int | None = _setting(None, "passes over the train stream")
+    lr: float | None = _setting(None, "peak learning rate of the one-cycle schedule")
+    wd: float | None = _setting(None, "AdamW's decoupled weight decay")
+    moms: str | None = _setting(
+        None, "the one-cycle momentum (Adam's beta1): HI,LO goes HI -> LO -> HI", metavar="HI,LO"
+    )
+    clip: float | None = _setting(None, "max gradient norm (0: off)")
     seed: int = _setting(42, "seed of the weights, dropout and sampling")
     save: str | None = _setting(None, "write DIR/checkpoint.pt (atomically) after every epoch", metavar="DIR")
     save_every: int = _setting(
@@ -102,6 +194,27 @@ CHECKPOINT_KEYS = ["config", "vocab", "model"]  # what generate needs; resuming 
 RESUME_KEYS = ["optimizer", "scheduler", "epoch", "batch", "hidden_state", "per_rank", "history", "world_size"]
 
 
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """cfg with every unset (None) setting of MODEL_DEFAULTS taken from its model's defaults."""
+    if cfg.model not in MODEL_DEFAULTS:
+        raise SettingError(f"model must be one of {', '.join(models.MODELS)}, got {cfg.model!r}", "model")
+    defaults = dict(MODEL_DEFAULTS[cfg.model])
+    if (cfg.cell or defaults["cell"]) in ("lstm", "gru"):
+        defaults["nonlinearity"] = "tanh"  # their candidate activation; there is no other to choose
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def moms_of(cfg: TrainConfig) -> tuple[float, float]:
+    """cfg.moms 'HI,LO' as two numbers in [0, 1)."""
+    try:
+        hi, lo = (float(v) for v in cfg.moms.split(","))
+    except ValueError:
+        hi = lo = math.nan
+    if not (0 <= hi < 1 and 0 <= lo < 1):
+        raise SettingError(f"moms must be two numbers in [0, 1) as HI,LO (e.g. 0.95,0.85), got {cfg.moms!r}", "moms")
+    return hi, lo
+
+
 def _check(cfg: TrainConfig) -> None:
     for name in ("bptt", "bs", "epochs", "layers", "hidden_size", "min_freq"):
         if getattr(cfg, name) < 1:
@@ -113,8 +226,24 @@ def _check(cfg: TrainConfig) -> None:
         raise SettingError(
             f"save_every must be >= 0 (0: at the end of each epoch only), got {cfg.save_every}", "save_every"
         )
-    if not 0 <= cfg.dropout < 1:
-        raise SettingError(f"dropout must be in [0, 1), got {cfg.dropout}", "dropout")
+    for name in ("dropout", *AWD_DROPS):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise SettingError(f"{name} must be in [0, 1), got {getattr(cfg, name)}", name)
+        if name != "dropout" and getattr(cfg, name) and cfg.model not in ("rnn", "shared"):
+            raise SettingError(
+                f"{name} needs model rnn or shared (RNNLM); {cfg.model} is the book's as it stands", name, "model"
+            )
+    if cfg.weight_drop and cfg.model == "shared":
+        raise SettingError("weight_drop needs a cell with its own W_hh; the shared cell's is its W_ih", "weight_drop")
+    for name in ("ar", "tar"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise SettingError(f"{name} must be a finite number >= 0 (0: off), got {value}", name)
+        if value and cfg.model in models.FASTBOOK_MODELS:
+            raise SettingError(
+                f"{name} needs model rnn, shared or lmmodel5-7 (a recurrent layer's outputs)", name, "model"
+            )
+    moms_of(cfg)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise SettingError(f"lr must be a finite number > 0, got {cfg.lr}", "lr")
     for name, what in (("wd", "(0: no weight decay)"), ("clip", "(0: no clipping)")):
@@ -123,12 +252,25 @@ def _check(cfg: TrainConfig) -> None:
             raise SettingError(f"{name} must be a finite number >= 0 {what}, got {value}", name)
     if cfg.nonlinearity not in NONLINEARITIES:
         raise SettingError(f"nonlinearity must be relu or tanh, got {cfg.nonlinearity!r}", "nonlinearity")
-    if cfg.rnn not in RNN_CLASSES:
+    if cfg.rnn not in models.LAYER_CLASSES:
         raise SettingError(f"rnn must be fused or torch, got {cfg.rnn!r}", "rnn")
+    if cfg.cell not in models.CELLS:
+        raise SettingError(f"cell must be one of {', '.join(models.CELLS)}, got {cfg.cell!r}", "cell")
+    if cfg.model != "rnn" and cfg.cell != MODEL_DEFAULTS[cfg.model]["cell"]:
+        raise SettingError(
+            f"cell is {MODEL_DEFAULTS[cfg.model]['cell']} for model {cfg.model}, got {cfg.cell}; "
+            "model rnn takes any cell",
+            "cell",
+            "model",
+        )
+    if cfg.cell != "rnn" and cfg.nonlinearity != "tanh":
+        raise SettingError(
+            f"nonlinearity is the Elman cell's; the {cfg.cell} cell's is tanh, got {cfg.nonlinearity}", "nonlinearity"
+        )
     if cfg.model == "lmmodel1" and cfg.bptt != 3:
         raise SettingError(f"bptt must be 3 for lmmodel1 (it reads exactly three tokens), got {cfg.bptt}", "bptt")
-    if cfg.tie_weights and cfg.model not in ("rnn", "shared"):
-        raise SettingError("tie_weights needs model rnn or shared", "tie_weights", "model")
+    if cfg.tie_weights and cfg.model in models.FASTBOOK_MODELS:
+        raise SettingError("tie_weights needs model rnn, shared or lmmodel5-7", "tie_weights", "model")
 
 
 def seed_everything(seed: int) -> None:
@@ -183,10 +325,13 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _gather_rows(h: Tensor | None) -> Tensor | None:
-    """Every process's hidden state joined along its batch dimension ([B,H] or [L,B,H]) -> all rows."""
+def _gather_rows(h):
+    """Every process's hidden state joined along its batch dimension ([B,H], [L,B,H] or the LSTM's
+    pair of them) -> all rows."""
     if h is None or not _distributed():
         return h
+    if isinstance(h, tuple):
+        return tuple(_gather_rows(part) for part in h)
     parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, h.contiguous())
     return torch.cat(parts, dim=h.dim() - 2)
@@ -333,6 +478,7 @@ def model_from_checkpoint(ckpt: dict):
 
 
 def _build_model(cfg: TrainConfig, vocab_sz: int) -> nn.Module:
+    awd = {name: getattr(cfg, name) for name in AWD_DROPS if getattr(cfg, name)}
     return models.build_model(
         cfg.model,
         vocab_sz,
@@ -341,7 +487,9 @@ def _build_model(cfg: TrainConfig, vocab_sz: int) -> nn.Module:
         cfg.nonlinearity,
         cfg.dropout,
         cfg.tie_weights,
-        RNN_CLASSES[cfg.rnn],
+        cfg.rnn,
+        cfg.cell,
+        **awd,
     )
 
 
@@ -385,12 +533,12 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def make_optimizer(params, lr: float, wd: float, total_steps: int):
+def make_optimizer(params, lr: float, wd: float, total_steps: int, moms: tuple[float, float] = (0.95, 0.85)):
     """AdamW and fastai's fit_one_cycle schedule: 25% warm-up from lr/25, cosine down to lr/1e5,
-    momentum 0.95 -> 0.85 -> 0.95. Returns (optimizer, scheduler); step the scheduler after every
-    optimizer step, total_steps times in all."""
+    momentum (Adam's beta1) moms[0] -> moms[1] -> moms[0]. Returns (optimizer, scheduler); step the
+    scheduler after every optimizer step, total_steps times in all."""
     params = list(params)
-    adamw = dict(lr=lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=wd)
+    adamw = dict(lr=lr, betas=(moms[0], 0.99), eps=1e-5, weight_decay=wd)
     # fused: one kernel for all parameters instead of a Python loop over them. A torch without
     # the fused kernel for these tensors refuses it: then the plain loop.
     try:
@@ -404,8 +552,8 @@ def make_optimizer(params, lr: float, wd: float, total_steps: int):
         pct_start=0.25,
         div_factor=25.0,
         final_div_factor=1e5 / 25,
-        base_momentum=0.85,
-        max_momentum=0.95,
+        base_momentum=moms[1],
+        max_momentum=moms[0],
     )
     return opt, sched
 
@@ -452,6 +600,10 @@ class _Run:
     step: int = 0
     sums: EpochSums = field(default_factory=EpochSums)
 
+    def own_rows(self, h: Tensor) -> Tensor:
+        """This process's bs rows of a state holding every process's ([..., B·world, H])."""
+        return h.narrow(h.dim() - 2, self.rank * self.cfg.bs, self.cfg.bs).clone()
+
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, explicit: Sequence[str] = ()) -> dict:
     """Train as cfg says; returns {'config', 'epochs': [...], 'final': {...}} (also written to cfg.json).
@@ -485,13 +637,22 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], explicit: Sequence[str]
         cfg, ckpt = _resume_settings(cfg, explicit, world)
         if ckpt["epoch"] >= cfg.epochs:
             return _already_complete(cfg, ckpt, world, log if rank == 0 else (lambda _: None))
+    cfg = resolve(cfg)
     _check(cfg)
     seed_everything(cfg.seed)
     run_data = _load_data(cfg, ckpt, rank, world)
     if rank == 0:
         _check_outputs(cfg)
+    if cfg.epochs * run_data.n_batches < 5:  # OneCycleLR's warm-up (25%) must hold at least one step
+        raise SettingError(
+            f"the run has {cfg.epochs * run_data.n_batches} steps ({run_data.n_batches} batches per epoch × "
+            f"{cfg.epochs}); the one-cycle schedule needs at least 5: more epochs, a smaller bptt or bs",
+            "epochs",
+            "bptt",
+            "bs",
+        )
     model = _build_model(cfg, len(run_data.corpus.vocab))
-    opt, sched = make_optimizer(model.parameters(), cfg.lr, cfg.wd, cfg.epochs * run_data.n_batches)
+    opt, sched = make_optimizer(model.parameters(), cfg.lr, cfg.wd, cfg.epochs * run_data.n_batches, moms_of(cfg))
     run = _Run(cfg, rank, world, run_data, model, model, opt, sched, log if rank == 0 else (lambda _: None))
     if ckpt:
         _restore(run, ckpt)
@@ -571,8 +732,8 @@ def _restore(run: _Run, ckpt: dict) -> None:
     run.sched.load_state_dict(ckpt["scheduler"])
     run.history, run.epoch, run.start_batch = ckpt["history"], ckpt["epoch"], ckpt["batch"]
     if ckpt["hidden_state"] is not None:
-        h = ckpt["hidden_state"]  # every process's rows: [B·world,H] or [L,B·world,H]
-        run.core.h = h.narrow(h.dim() - 2, run.rank * run.cfg.bs, run.cfg.bs).clone()
+        h = ckpt["hidden_state"]  # every process's rows: [B·world,H], [L,B·world,H] or the LSTM's pair
+        run.core.h = tuple(map(run.own_rows, h)) if isinstance(h, (tuple, list)) else run.own_rows(h)
     this_rank = ckpt["per_rank"][run.rank]
     torch.set_rng_state(this_rank["torch"])
     random.setstate(this_rank["python"])
@@ -613,7 +774,8 @@ def _checkpoint(run: _Run, epoch: int, batch: int) -> None:
 def _log_header(run: _Run, resumed: bool) -> None:
     cfg, corpus = run.cfg, run.data.corpus
     if not resumed:
-        layer = {"rnn": cfg.rnn, "shared": "shared-weight cell"}.get(cfg.model, "reference")
+        layer = f"{cfg.rnn} {cfg.cell}" if cfg.model == "rnn" or cfg.model in models.STACK_MODELS else "reference"
+        layer = "shared-weight cell" if cfg.model == "shared" else layer
         run.log(
             f"{cfg.model} ({layer}): {sum(p.numel() for p in run.core.parameters()):,} parameters, "
             f"vocab {len(corpus.vocab)}, {len(corpus.train):,} train / {len(corpus.valid):,} valid tokens, "
@@ -710,7 +872,7 @@ def _train_step(run: _Run, x: Tensor, y: Tensor, k: int) -> float:
     """Forward, backward and an optimizer step on batch k (x, y [B,T]); returns the loss."""
     cfg = run.cfg
     loss, _, _ = loss_and_correct(run.model(x), y, getattr(run.core, "predicts_all", False))
-    value = loss.item()
+    value = loss.item()  # the loss reported is the cross-entropy alone, as fastai's
     # every process must see the same verdict, or the others would wait forever in backward
     if not math.isfinite(_all_reduce_sum([value])[0]):
         where = (
@@ -728,6 +890,8 @@ def _train_step(run: _Run, x: Tensor, y: Tensor, k: int) -> float:
             "clip",
             "resume",
         )
+    if cfg.ar or cfg.tar:
+        loss = loss + models.activation_penalty(run.core.raw_out, run.core.out, cfg.ar, cfg.tar)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip:
