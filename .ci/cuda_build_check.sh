@@ -58,15 +58,20 @@ from rnnlm_ext import ops
 
 info = ops.build_info()
 assert info["cuda"] is True, f"build_info()['cuda'] is {info['cuda']!r}: the CPU extension was built"
-for op in ("rnnlm_ext::rnn_forward", "rnnlm_ext::rnn_backward"):
-    for key in ("CUDA", "CPU"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
+CELLS = ("rnn", "lstm", "gru")
+for cell in CELLS:
+    for op in (f"rnnlm_ext::{cell}_forward", f"rnnlm_ext::{cell}_backward"):
+        for key in ("CUDA", "CPU"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
 assert torch._C._dispatch_has_kernel(
     "rnnlm_ext::cuda_path"
 ), "rnnlm_ext::cuda_path is not registered"
-for op in (torch.ops.rnnlm_ext.rnn_forward, torch.ops.rnnlm_ext.rnn_backward):
-    assert 'str cuda_path="auto"' in str(op.default._schema), f"{op} takes no cuda_path argument"
-print("rnn_forward and rnn_backward have CUDA and CPU kernels and a cuda_path argument; cuda_path is registered")
+for cell in CELLS:
+    for pass_ in ("forward", "backward"):
+        op = getattr(torch.ops.rnnlm_ext, f"{cell}_{pass_}")
+        assert 'str cuda_path="auto"' in str(op.default._schema), f"{op} takes no cuda_path argument"
+print("the rnn, lstm and gru forward and backward ops have CPU and CUDA kernels and a cuda_path",
+      "argument; cuda_path is registered")
 print("build_info:", info)
 EOF
 )

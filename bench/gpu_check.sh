@@ -64,6 +64,9 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_pr
 run_stage tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
   --junitxml="$LOGS/test_cuda.xml" || true
 run_stage op_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_op.py -k cuda || true
+run_stage cell_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_cells.py \
+  --junitxml="$LOGS/test_cuda_cells.xml" || true
+run_stage gru_op_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gru_op.py -k cuda || true
 
 run_stage bench 300 "$PY" bench/bench_rnn.py --device cuda --out "$LOGS" || true
 

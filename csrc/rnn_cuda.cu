@@ -1,8 +1,9 @@
 // rnn_cuda.cu — whole-sequence forward and backward of one Elman RNN layer on a CUDA GPU.
-// Dimensions and layouts: rnn.h; the launchers' contract: rnn_cuda.h. Order: helpers (errors,
-// dtypes, GEMM), pointwise kernels, persistent kernels, planning (which path runs, on what
+// Dimensions and layouts: rnn.h; the launchers' contract: rnn_cuda.h. Order: dispatch and
+// activations, pointwise kernels, persistent kernels, planning (which path runs, on what
 // grid), forward, backward, the launchers. Steps run in rnn.h's StepOrder: loop step s at time
-// index t = order.time(s), reversed layers from t = T-1 down, no tensor flipped.
+// index t = order.time(s), reversed layers from t = T-1 down, no tensor flipped. The helpers
+// the LSTM and GRU kernels (cells_cuda.cu) share are in cuda_common.h.
 //
 // Where the time goes: as on the CPU, the input projection and the four weight/input
 // gradients are large cuBLAS GEMMs over all T·B rows; only the per-step product with w_hh is
@@ -12,95 +13,17 @@
 #include "rnn_cuda.h"
 
 #include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
-#include <climits>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
+
+#include "cuda_common.h"
 
 namespace rnnlm_ext {
 namespace {
 
 namespace cg = cooperative_groups;
-
-// ----------------------------------------------------------------------------------------
-// Errors
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("rnnlm_ext: ") + what + ": " + cudaGetErrorString(err));
-}
-
-void check_cublas(cublasStatus_t status, const char* what) {
-  if (status != CUBLAS_STATUS_SUCCESS)
-    throw std::runtime_error(std::string("rnnlm_ext: ") + what + ": " +
-                             cublasGetStatusString(status));
-}
-
-// Puts the cuBLAS handle on `stream`. torch's getCurrentCUDABlasHandle() has already done so
-// and given the handle torch's own workspace; cublasSetStream unconditionally resets the
-// handle's workspace to cuBLAS's default pool (cuBLAS docs), which would undo that (cuBLAS
-// then allocates outside torch's allocator, which breaks CUDA graph capture). So the stream is
-// set only where the handle is on another one.
-void set_stream(cublasHandle_t handle, cudaStream_t stream) {
-  cudaStream_t current = nullptr;
-  check_cublas(cublasGetStream(handle, &current), "cublasGetStream");
-  if (current != stream) check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
-}
-
-// cuBLAS takes int sizes and leading dimensions.
-void check_int_range(int64_t T, int64_t B, int64_t I, int64_t H) {
-  if (T * B > INT_MAX || I > INT_MAX || H > INT_MAX)
-    throw std::runtime_error("rnnlm_ext: T·B = " + std::to_string(T * B) +
-                             ", I = " + std::to_string(I) + " and H = " + std::to_string(H) +
-                             " must each fit in an int for cuBLAS");
-}
-
-// ----------------------------------------------------------------------------------------
-// Dtypes: storage type scalar_t, accumulation type acc_t, and their cuBLAS names. The
-// conversions are explicit functions because torch builds with __CUDA_NO_HALF_CONVERSIONS__.
-
-template <typename scalar_t>
-struct Traits;
-
-template <>
-struct Traits<float> {
-  using acc_t = float;
-  static constexpr cudaDataType_t data = CUDA_R_32F;
-  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-
-template <>
-struct Traits<double> {
-  using acc_t = double;
-  static constexpr cudaDataType_t data = CUDA_R_64F;
-  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_64F;
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
-};
-
-template <>
-struct Traits<__half> {
-  using acc_t = float;
-  static constexpr cudaDataType_t data = CUDA_R_16F;
-  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  __device__ static float load(__half v) { return __half2float(v); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Traits<__nv_bfloat16> {
-  using acc_t = float;
-  static constexpr cudaDataType_t data = CUDA_R_16BF;
-  static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 template <typename scalar_t, Activation act>
 struct Tag {
@@ -109,41 +32,13 @@ struct Tag {
 };
 
 // Calls f(Tag<scalar_t, act>{}) for the runtime dtype and activation.
-template <typename scalar_t, typename F>
-void with_activation(Activation act, const F& f) {
-  if (act == Activation::Tanh) return f(Tag<scalar_t, Activation::Tanh>{});
-  return f(Tag<scalar_t, Activation::Relu>{});
-}
-
 template <typename F>
 void dispatch(DType dtype, Activation act, const F& f) {
-  switch (dtype) {
-    case DType::Float32: return with_activation<float>(act, f);
-    case DType::Float64: return with_activation<double>(act, f);
-    case DType::Float16: return with_activation<__half>(act, f);
-    case DType::BFloat16: return with_activation<__nv_bfloat16>(act, f);
-  }
-  throw std::runtime_error("rnnlm_ext: unknown dtype");
-}
-
-// ----------------------------------------------------------------------------------------
-// GEMM
-
-// Row-major C[M,N] = op(A)[M,K] · op(B)[K,N] + beta·C, as rnn_cpu.cpp's gemm: lda/ldb/ldc are
-// the row strides as stored, beta is 0 (C written, NaN included) or 1 (C accumulated into).
-// A row-major matrix is its transpose in column-major, so cuBLAS computes the column-major
-// Cᵀ = op(B)ᵀ·op(A)ᵀ: operands swapped, transpose flags kept.
-template <typename scalar_t>
-void gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
-          typename Traits<scalar_t>::acc_t beta, scalar_t* C, int64_t ldc) {
-  using Tr = Traits<scalar_t>;
-  const typename Tr::acc_t alpha = 1;
-  check_cublas(
-      cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                   int(N), int(M), int(K), &alpha, B, Tr::data, int(ldb), A, Tr::data, int(lda),
-                   &beta, C, Tr::data, int(ldc), Tr::compute, CUBLAS_GEMM_DEFAULT),
-      "cublasGemmEx");
+  dispatch_dtype(dtype, [&](auto type) {
+    using scalar_t = typename decltype(type)::scalar;
+    if (act == Activation::Tanh) return f(Tag<scalar_t, Activation::Tanh>{});
+    return f(Tag<scalar_t, Activation::Relu>{});
+  });
 }
 
 // ----------------------------------------------------------------------------------------
@@ -151,12 +46,8 @@ void gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t M, int64_t 
 
 template <Activation act, typename acc_t>
 __device__ acc_t activate(acc_t z) {
-  if constexpr (act == Activation::Tanh) {
-    if constexpr (std::is_same<acc_t, float>::value) return tanhf(z);
-    else return tanh(z);
-  } else {
-    return z < acc_t(0) ? acc_t(0) : z;
-  }
+  if constexpr (act == Activation::Tanh) return tanh_acc(z);
+  else return z < acc_t(0) ? acc_t(0) : z;
 }
 
 // In the forward pass this was h = act(z), so now dz = g ⊙ act'(z), with act' taken from the
@@ -169,12 +60,6 @@ __device__ acc_t activate_backward(acc_t g, acc_t h) {
 
 // ----------------------------------------------------------------------------------------
 // Pointwise kernels of the per-step path, over one step's [B,H] block of n = B·H elements.
-
-constexpr int kPointwiseThreads = 256;
-
-int pointwise_blocks(int64_t n) {
-  return int(std::min<int64_t>((n + kPointwiseThreads - 1) / kPointwiseThreads, 65535));
-}
 
 // In the forward pass: h = act(h + b) in place (h holds P_t + h_{t-1}·w_hhᵀ on entry).
 // h: [B,H], b: [H] or nullptr.
@@ -200,29 +85,6 @@ __global__ void act_backward_kernel(scalar_t* dz, const scalar_t* dout, const sc
        i += int64_t(gridDim.x) * blockDim.x) {
     const acc_t g = (carry ? Tr::load(dz[i]) : acc_t(0)) + Tr::load(dout[i]);
     dz[i] = Tr::store(activate_backward<act>(g, Tr::load(h[i])));
-  }
-}
-
-// db[j] = Σ_r dz[r,j]: dz [rows,H] -> db [H]. A block sums 32 columns: its 32×32 threads read
-// coalesced rows, then add the 32 partial sums of each column in a fixed order
-// (deterministic, no atomics). `partial` needs no padding column against bank conflicts: a warp
-// (fixed threadIdx.y, threadIdx.x = 0 … 31) writes one row of it, and the summing warp's lanes
-// read one row per iteration too (lane x at column x), so every access is 32 consecutive words.
-template <typename scalar_t>
-__global__ void column_sum_kernel(scalar_t* db, const scalar_t* dz, int64_t rows, int64_t H) {
-  using Tr = Traits<scalar_t>;
-  using acc_t = typename Tr::acc_t;
-  __shared__ acc_t partial[32][32];
-  const int64_t j = blockIdx.x * int64_t(32) + threadIdx.x;
-  acc_t sum = 0;
-  if (j < H)
-    for (int64_t r = threadIdx.y; r < rows; r += 32) sum += Tr::load(dz[r * H + j]);
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < H) {
-    acc_t total = 0;
-    for (int y = 0; y < 32; ++y) total += partial[y][threadIdx.x];
-    db[j] = Tr::store(total);
   }
 }
 
@@ -523,10 +385,7 @@ void rnn_backward(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw_hh,
       gemm<scalar_t>(handle, true, false, H, H, (p.hi - p.lo) * B, dz + p.lo * BH, H,
                      out + p.prev_of_lo * BH, H, 1, dw_hh, H);
   }
-  if (db) {
-    column_sum_kernel<scalar_t><<<int((H + 31) / 32), dim3(32, 32), 0, stream>>>(db, dz, T * B, H);
-    check_cuda(cudaGetLastError(), "column_sum_kernel launch");
-  }
+  if (db) column_sum<scalar_t>(db, dz, T * B, H, H, stream);
   if (dx) gemm<scalar_t>(handle, false, false, T * B, I, H, dz, H, w_ih, I, 0, dx, I);  // dz·w_ih
 }
 
