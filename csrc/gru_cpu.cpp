@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_gated.h"
 #include "cpu_gemm.h"
 #include "cpu_simd.h"
 #include "cpu_threads.h"
@@ -89,41 +90,6 @@ RNNLM_EXT_VECTOR_CLONES void gates_backward(
   }
 }
 
-// a[row, j] += b[j] over a [rows,n] block with row stride ld.
-template <typename scalar_t>
-void add_bias(scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t rows, int64_t n,
-              int64_t ld) {
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t j = 0; j < n; ++j) a[row * ld + j] += b[j];
-}
-
-// dst[j] = (write ? 0 : dst[j]) + Σ_rows src[row, j] over a [rows,n] block with row stride
-// ld, summed in double and rounded once: a float32 running sum over many rows drifts (the
-// Elman cell's db was up to 12x further from float64 than PyTorch's sum). Columns go in
-// tiles, so that the sums stay on the stack.
-template <typename scalar_t>
-void column_sums(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t rows,
-                 int64_t n, int64_t ld, bool write) {
-  constexpr int64_t kTile = 256;
-  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
-    const int64_t w = std::min(kTile, n - j0);
-    double sum[kTile] = {};
-    for (int64_t row = 0; row < rows; ++row)
-      for (int64_t j = 0; j < w; ++j) sum[j] += double(src[row * ld + j0 + j]);
-    for (int64_t j = 0; j < w; ++j)
-      dst[j0 + j] = scalar_t((write ? 0 : double(dst[j0 + j])) + sum[j]);
-  }
-}
-
-// A thread's per-sequence forward state: the GEMM of its hidden units' rows of w_hh (of all
-// three gates), packed once. When the thread owns only some units, their rows are gathered
-// first: in w_hh each gate's rows are a block of H, so a slice's 3·m rows are not contiguous.
-template <typename scalar_t>
-struct ForwardStep {
-  std::vector<scalar_t> w_slice;  // [3m,H]
-  cpu::StepGemm<scalar_t> gemm;
-};
-
 }  // namespace
 
 // ----------------------------------------------------------------------------------------
@@ -155,18 +121,12 @@ void gru_forward_cpu(scalar_t* out, scalar_t* saved, scalar_t* workspace, const 
     const int64_t t0 = order.range_begin(s0, s1), rows = (s1 - s0) * B;
     scalar_t* g = gi + t0 * B * ldg;
     cpu::gemm<scalar_t>(false, true, rows, G, I, x + t0 * B * I, I, w_ih, I, 0, g, ldg);
-    if (b_ih) add_bias(g, bias.data(), rows, G, ldg);
+    if (b_ih) cpu::add_bias(g, bias.data(), rows, G, ldg);
   };
-  auto prepare = [&](ForwardStep<scalar_t>& st, const cpu::Slice& slice) {
-    const int64_t m = slice.size();
-    if (m == H) return st.gemm.prepare(true, B, G, H, w_hh, H);
-    st.w_slice.resize(3 * m * H);
-    for (int64_t gate = 0; gate < 3; ++gate)
-      std::copy(w_hh + (gate * H + slice.c0) * H, w_hh + (gate * H + slice.c1) * H,
-                st.w_slice.begin() + gate * m * H);
-    st.gemm.prepare(true, B, 3 * m, H, st.w_slice.data(), H);
+  auto prepare = [&](cpu::GatedStep<scalar_t>& st, const cpu::Slice& slice) {
+    st.prepare(3, B, H, w_hh, slice);
   };
-  auto step = [&](int64_t s, const cpu::Slice& slice, const ForwardStep<scalar_t>& st) {
+  auto step = [&](int64_t s, const cpu::Slice& slice, const cpu::GatedStep<scalar_t>& st) {
     const int64_t t = order.time(s), c0 = slice.c0, m = slice.size();
     const scalar_t* h_prev = s == 0 ? h0 : out + order.prev_time(s) * BH;  // [B,H]
     scalar_t* gh = gh_all + B * 3 * c0;  // [B,3m]: this slice's r | z | n columns
@@ -178,7 +138,7 @@ void gru_forward_cpu(scalar_t* out, scalar_t* saved, scalar_t* workspace, const 
                     b_hn + c0, h_prev + b * H + c0, out + t * BH + b * H + c0, m);
     }
   };
-  cpu::forward_schedule<ForwardStep<scalar_t>>(T, B, H, project, prepare, step);
+  cpu::forward_schedule<cpu::GatedStep<scalar_t>>(T, B, H, project, prepare, step);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -229,7 +189,6 @@ void gru_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
     const int64_t ta = order.range_begin(T - k1, T - k0), tb = ta + (k1 - k0);
     const int64_t rows = (tb - ta) * B, m = c1 - c0;
     const scalar_t beta = write ? 0 : 1;
-    const PrevStates p = split_prev_states(order, ta, tb);
     for (int64_t gate = 0; gate < 3; ++gate) {
       const int64_t row0 = gate * H + c0;                       // first weight row, bias entry
       const int64_t dgi = (gate == 2 ? 3 * H : gate * H) + c0;  // dgi's first column in dg
@@ -237,19 +196,11 @@ void gru_backward_cpu(scalar_t* dx, scalar_t* dh0, scalar_t* dw_ih, scalar_t* dw
       if (dw_ih)                                                // dgiᵀ·x
         cpu::gemm<scalar_t>(true, false, m, I, rows, dg + ta * B * L + dgi, L, x + ta * B * I, I,
                             beta, dw_ih + row0 * I, I);
-      if (dw_hh) {  // Σ_t dgh_tᵀ·h_{t-1}
-        scalar_t b0 = beta;
-        if (p.has_first) {
-          cpu::gemm<scalar_t>(true, false, m, H, B, dg + p.first * B * L + dgh, L, h0, H, b0,
-                              dw_hh + row0 * H, H);
-          b0 = 1;
-        }
-        if (p.hi > p.lo)
-          cpu::gemm<scalar_t>(true, false, m, H, (p.hi - p.lo) * B, dg + p.lo * B * L + dgh, L,
-                              out + p.prev_of_lo * BH, H, b0, dw_hh + row0 * H, H);
-      }
-      if (db_ih) column_sums(db_ih + row0, dg + ta * B * L + dgi, rows, m, L, write);
-      if (db_hh) column_sums(db_hh + row0, dg + ta * B * L + dgh, rows, m, L, write);
+      if (dw_hh)  // Σ_t dgh_tᵀ·h_{t-1}
+        cpu::recurrent_weight_grad(dw_hh + row0 * H, dg + dgh, L, m, h0, out, order, ta, tb, B, H,
+                                   beta);
+      if (db_ih) cpu::column_sums(db_ih + row0, dg + ta * B * L + dgi, rows, m, L, write);
+      if (db_hh) cpu::column_sums(db_hh + row0, dg + ta * B * L + dgh, rows, m, L, write);
     }
   };
   auto weight_grads = [&](int64_t k0, int64_t k1, bool write, const cpu::Slice& block) {

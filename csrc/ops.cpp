@@ -12,11 +12,17 @@
 #include "cpu_simd.h"
 #include "cpu_workspace.h"
 #include "gru.h"
+#include "lstm.h"
 #include "rnn.h"
 #include "rnn_args.h"
 
 namespace rnnlm_ext {
 namespace {
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+}
 
 // x [T,B,I], h0 [B,H], w_ih [H,I], w_hh [H,H], bias [H] or None  ->  out [T,B,H]
 // cuda_path picks the CUDA kernels' time loop; the CPU has one.
@@ -25,8 +31,7 @@ at::Tensor rnn_forward_cpu_op(const at::Tensor& x, const at::Tensor& h0, const a
                               c10::string_view nonlinearity, bool reverse,
                               c10::string_view /*cuda_path*/) {
   const ForwardArgs a(x, h0, w_ih, w_hh, bias, nonlinearity);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  check_cpu_dtype(x);
   at::Tensor out = at::empty({a.d.T, a.d.B, a.d.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] {
     rnn_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
@@ -45,8 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const at::Tensor& w_hh, const at::Tensor& out, c10::string_view nonlinearity, bool reverse,
     std::array<bool, 5> output_mask, c10::string_view /*cuda_path*/) {
   const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  check_cpu_dtype(x);
   const Dims& d = a.d;
   Grads grads(d, output_mask, x.options());
   const cpu::Workspace workspace(d.T * d.B * d.H, x.options());
@@ -69,8 +73,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_cpu_op(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
     bool train, c10::string_view /*cuda_path*/) {
   const GruForwardArgs a(x, h0, w_ih, w_hh, b_ih, b_hh);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  check_cpu_dtype(x);
   const Dims& d = a.d;
   at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
   at::Tensor saved =
@@ -96,8 +99,7 @@ gru_backward_cpu_op(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
                     const at::Tensor& saved, bool reverse, std::array<bool, 6> output_mask,
                     c10::string_view /*cuda_path*/) {
   const GruBackwardArgs a(dout, x, h0, w_ih, w_hh, out, saved);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnlm_ext: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  check_cpu_dtype(x);
   const Dims& d = a.d;
   MaskedGrads<6> grads(
       {{{d.T, d.B, d.I}, {d.B, d.H}, {3 * d.H, d.I}, {3 * d.H, d.H}, {3 * d.H}, {3 * d.H}}},
@@ -111,6 +113,62 @@ gru_backward_cpu_op(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
                                a.h0.const_data_ptr<scalar_t>(), a.w_ih.const_data_ptr<scalar_t>(),
                                a.w_hh.const_data_ptr<scalar_t>(), a.out.const_data_ptr<scalar_t>(),
                                a.saved.const_data_ptr<scalar_t>(), d.T, d.B, d.I, d.H, reverse);
+  });
+  return grads.tuple();
+}
+
+// LSTM: x [T,B,I], h0, c0 [B,H], w_ih [4H,I], w_hh [4H,H], bias [4H] (b_ih + b_hh) or None
+//   -> out, c [T,B,H], gates [T,B,4H] (activated i, f, g, o) when train, else an empty [0] tensor
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu_op(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& bias, bool reverse, bool train,
+    c10::string_view /*cuda_path*/) {
+  const LstmForwardArgs a(x, h0, c0, w_ih, w_hh, bias);
+  check_cpu_dtype(x);
+  const Dims& d = a.d;
+  at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
+  at::Tensor c = at::empty({d.T, d.B, d.H}, x.options());
+  at::Tensor gates =
+      train ? at::empty({d.T, d.B, 4 * d.H}, x.options()) : at::empty({0}, x.options());
+  const cpu::Workspace workspace(lstm_forward_workspace_size(d.T, d.B, d.H, train), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_cpu", [&] {
+    auto in = [](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    };
+    lstm_forward_cpu<scalar_t>(out.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                               train ? gates.data_ptr<scalar_t>() : nullptr,
+                               workspace.view({-1}).data_ptr<scalar_t>(), in(a.x), in(a.h0),
+                               in(a.c0), in(a.w_ih), in(a.w_hh), in(a.bias), d.T, d.B, d.I, d.H,
+                               reverse);
+  });
+  return {out, c, gates};
+}
+
+// dout, dc [T,B,H] (dc may be an empty [0] tensor: zero) and the forward's inputs and outputs
+// -> (dx, dh0, dc0, dw_ih, dw_hh, dbias). output_mask says which to compute; the others come
+// back as empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_cpu_op(const at::Tensor& dout, const at::Tensor& dc, const at::Tensor& x,
+                     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const at::Tensor& out, const at::Tensor& c,
+                     const at::Tensor& gates, bool reverse, std::array<bool, 6> output_mask,
+                     c10::string_view /*cuda_path*/) {
+  const LstmBackwardArgs a(dout, dc, x, h0, c0, w_ih, w_hh, out, c, gates);
+  check_cpu_dtype(x);
+  const Dims& d = a.f.d;
+  MaskedGrads<6> grads(
+      {{{d.T, d.B, d.I}, {d.B, d.H}, {d.B, d.H}, {4 * d.H, d.I}, {4 * d.H, d.H}, {4 * d.H}}},
+      output_mask, x.options());
+  const cpu::Workspace workspace(lstm_backward_workspace_size(d.T, d.B, d.H), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward_cpu", [&] {
+    auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
+    auto in = [](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    };
+    lstm_backward_cpu<scalar_t>(ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5),
+                                workspace.view({-1}).data_ptr<scalar_t>(), in(a.dout), in(a.dc),
+                                in(a.f.x), in(a.f.h0), in(a.f.c0), in(a.f.w_ih), in(a.f.w_hh),
+                                in(a.out), in(a.c), in(a.gates), d.T, d.B, d.I, d.H, reverse);
   });
   return grads.tuple();
 }
@@ -173,6 +231,8 @@ TORCH_LIBRARY_IMPL(rnnlm_ext, CPU, m) {
   m.impl("rnn_backward", &rnn_backward_cpu_op);
   m.impl("gru_forward", &gru_forward_cpu_op);
   m.impl("gru_backward", &gru_backward_cpu_op);
+  m.impl("lstm_forward", &lstm_forward_cpu_op);
+  m.impl("lstm_backward", &lstm_backward_cpu_op);
 }
 
 }  // namespace rnnlm_ext

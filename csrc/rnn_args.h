@@ -252,4 +252,65 @@ struct GruBackwardArgs {
   }
 };
 
+// The LSTM forward op's arguments (lstm.h): the gated checks with 4 gates, c0 [B,H] and
+// bias [4H] (b_ih + b_hh) or None; made contiguous, bias undefined for None.
+struct LstmForwardArgs {
+  Dims d;
+  at::Tensor x, h0, c0, w_ih, w_hh, bias;
+
+  LstmForwardArgs(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
+                  const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                  const std::optional<at::Tensor>& bias_)
+      : d(check_gated_args(x_, h0_, w_ih_, w_hh_, 4)),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        c0(c0_.contiguous()),
+        w_ih(w_ih_.contiguous()),
+        w_hh(w_hh_.contiguous()),
+        bias(bias_ ? bias_->contiguous() : at::Tensor()) {
+    check_shape(c0_, "c0", {d.B, d.H});
+    check_like(c0_, "c0", x_);
+    if (bias_) {
+      check_shape(*bias_, "bias", {4 * d.H});
+      check_like(*bias_, "bias", x_);
+    }
+  }
+};
+
+// The LSTM backward op's arguments: also dout, out, c [T,B,H], gates [T,B,4H], and dc
+// [T,B,H] or an empty [0] tensor (no gradient reached c: zero, left undefined here).
+struct LstmBackwardArgs {
+  LstmForwardArgs f;
+  at::Tensor dout, dc, out, c, gates;
+
+  LstmBackwardArgs(const at::Tensor& dout_, const at::Tensor& dc_, const at::Tensor& x_,
+                   const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+                   const at::Tensor& w_hh_, const at::Tensor& out_, const at::Tensor& c_,
+                   const at::Tensor& gates_)
+      : f(x_, h0_, c0_, w_ih_, w_hh_, std::nullopt),
+        dout(dout_.contiguous()),
+        dc(dc_.numel() == 0 && dc_.dim() == 1 ? at::Tensor() : dc_.contiguous()),
+        out(out_.contiguous()),
+        c(c_.contiguous()),
+        gates(gates_.contiguous()) {
+    const Dims& d = f.d;
+    check_shape(dout_, "dout", {d.T, d.B, d.H});
+    if (dc.defined())
+      TORCH_CHECK(dc_.sizes() == at::IntArrayRef({d.T, d.B, d.H}), "rnnlm_ext: dc must have shape ",
+                  at::IntArrayRef({d.T, d.B, d.H}), " or [0] (no gradient), got ", dc_.sizes());
+    check_shape(out_, "out", {d.T, d.B, d.H});
+    check_shape(c_, "c", {d.T, d.B, d.H});
+    const std::vector<int64_t> gates_shape{d.T, d.B, 4 * d.H};
+    TORCH_CHECK(gates_.sizes() == at::IntArrayRef(gates_shape), "rnnlm_ext: gates must have shape ",
+                gates_shape, " [T,B,4H] (what lstm_forward returns with train=True), got ",
+                gates_.sizes());
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout_, "dout"},
+                                  {dc_, "dc"},
+                                  {out_, "out"},
+                                  {c_, "c"},
+                                  {gates_, "gates"}})
+      check_like(t, name, x_);
+  }
+};
+
 }  // namespace rnnlm_ext

@@ -113,7 +113,7 @@ def _rnn_backward_fake(
         lambda: f"rnnlm_ext: output_mask must have 5 entries (dx, dh0, dw_ih, dw_hh, db), got {len(output_mask)}",
     )
     shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (w_hh.shape[0],))
-    return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
+    return _masked_grads(x, shapes, output_mask)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -213,6 +213,12 @@ def force_cuda_path(path: str) -> Iterator[None]:
 # hand-written backward.
 
 
+def _wants_grad(*inputs: Tensor | None) -> bool:
+    """Whether a gradient can be asked for: grad mode on and an input requiring grad. The gated
+    ops keep what their backward needs only then (their train flag)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
 def gru_layer(
     x: Tensor,  # [T,B,I]
     h0: Tensor,  # [B,H]
@@ -229,41 +235,40 @@ def gru_layer(
     reversed). The forward keeps what the backward needs only when a gradient can be asked
     for (grad mode on and an input requiring grad).
     """
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    train = _wants_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
     out, _ = torch.ops.rnnlm_ext.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, _requested_cuda_path())
     return out
 
 
-def _check_gru_args(x, h0, w_ih, w_hh, **others):
-    """csrc/rnn_args.h's GRU checks, for the fake kernels: shapes from x [T,B,I] and w_hh
-    [3H,H], one dtype and one device. Returns T, B, I, H."""
+def _check_gated_args(n_gates, x, h0, w_ih, w_hh, **others):
+    """csrc/rnn_args.h's checks of the gated cells (GRU 3 gates, LSTM 4), for the fake kernels:
+    shapes from x [T,B,I] and w_hh [n_gates·H,H], one dtype and one device. Returns T, B, I, H."""
     torch._check(x.dim() == 3, lambda: f"rnnlm_ext: x must be 3-D [T,B,I], got {x.dim()}-D")
     torch._check(x.dtype.is_floating_point, lambda: f"rnnlm_ext: x must be a floating-point tensor, got {x.dtype}")
-    torch._check(w_hh.dim() == 2, lambda: f"rnnlm_ext: w_hh must be 2-D [3H,H], got shape {list(w_hh.shape)}")
+    torch._check(w_hh.dim() == 2, lambda: f"rnnlm_ext: w_hh must be 2-D [{n_gates}H,H], got shape {list(w_hh.shape)}")
     T, B, I = x.shape
     H = w_hh.shape[1]
     torch._check(
         T >= 1 and B >= 1 and I >= 1 and H >= 1,
         lambda: f"rnnlm_ext: T, B, I and H must all be >= 1, got x {list(x.shape)} and w_hh {list(w_hh.shape)}",
     )
-    shapes = {
-        "w_hh": [3 * H, H],
-        "w_ih": [3 * H, I],
-        "h0": [B, H],
-        "b_ih": [3 * H],
-        "b_hh": [3 * H],
-        "dout": [T, B, H],
-        "out": [T, B, H],
-        "saved": [T, B, 4 * H],
-    }
+    G = n_gates * H
+    shapes = {"w_hh": [G, H], "w_ih": [G, I], "h0": [B, H], "c0": [B, H], "b_ih": [G], "b_hh": [G], "bias": [G]}
+    shapes.update(dout=[T, B, H], dc=[T, B, H], out=[T, B, H], c=[T, B, H], saved=[T, B, 4 * H], gates=[T, B, 4 * H])
     for name, t in (("w_hh", w_hh), ("w_ih", w_ih), ("h0", h0), *others.items()):
         _check_like(name, t, shapes[name], x)
     return T, B, I, H
 
 
+def _masked_grads(x, shapes, output_mask):
+    """The backward ops' fake results: each gradient of its shape where output_mask asks for
+    it, an empty [0] tensor otherwise."""
+    return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
+
+
 @torch.library.register_fake("rnnlm_ext::gru_forward")
 def _gru_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, cuda_path="auto"):
-    T, B, _, H = _check_gru_args(x, h0, w_ih, w_hh)
+    T, B, _, H = _check_gated_args(3, x, h0, w_ih, w_hh)
     torch._check(
         (b_ih is None) == (b_hh is None),
         lambda: (
@@ -271,16 +276,15 @@ def _gru_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, train, cuda_path="
             f"{'None' if b_ih is None else 'given'} and b_hh {'None' if b_hh is None else 'given'}"
         ),
     )
-    _check_gru_args(x, h0, w_ih, w_hh, b_ih=b_ih, b_hh=b_hh)
+    _check_gated_args(3, x, h0, w_ih, w_hh, b_ih=b_ih, b_hh=b_hh)
     return x.new_empty((T, B, H)), x.new_empty((T, B, 4 * H) if train else (0,))
 
 
 @torch.library.register_fake("rnnlm_ext::gru_backward")
 def _gru_backward_fake(dout, x, h0, w_ih, w_hh, out, saved, reverse, output_mask, cuda_path="auto"):
-    _check_gru_args(x, h0, w_ih, w_hh, dout=dout, out=out, saved=saved)
+    _check_gated_args(3, x, h0, w_ih, w_hh, dout=dout, out=out, saved=saved)
     G = w_hh.shape[0]
-    shapes = (x.shape, h0.shape, w_ih.shape, w_hh.shape, (G,), (G,))
-    return tuple(x.new_empty(s if wanted else (0,)) for s, wanted in zip(shapes, output_mask))
+    return _masked_grads(x, (x.shape, h0.shape, w_ih.shape, w_hh.shape, (G,), (G,)), output_mask)
 
 
 def _gru_setup_context(ctx, inputs, output):
@@ -294,18 +298,23 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.cuda_path = cuda_path
 
 
-def _gru_backward(ctx, dout, _dsaved):
+def _check_gated_backward(ctx, cell, nn_name):
+    """What the gated cells' backward refuses: double backward, and a forward that kept nothing."""
     if torch.is_grad_enabled():  # create_graph=True: the gradient would itself be differentiated
         raise RuntimeError(
-            "rnnlm_ext: the fused GRU's backward is not differentiable (no double backward, "
+            f"rnnlm_ext: the fused {cell.upper()}'s backward is not differentiable (no double backward, "
             "create_graph=True): its gradients would differentiate as zero. For higher-order "
-            "gradients use torch.nn.GRU or rnnlm_ext.reference.gru_layer."
+            f"gradients use torch.nn.{nn_name}."
         )
     if not ctx.train:
         raise RuntimeError(
-            "rnnlm_ext: gru_forward ran with train=False and kept nothing for the backward; "
-            "call it with train=True (gru_layer does when an input requires grad)"
+            f"rnnlm_ext: {cell}_forward ran with train=False and kept nothing for the backward; "
+            f"call it with train=True ({cell}_layer does when an input requires grad)"
         )
+
+
+def _gru_backward(ctx, dout, _dsaved):
+    _check_gated_backward(ctx, "gru", "GRU or rnnlm_ext.reference.gru_layer")
     if dout is None:  # out's gradient is undefined (a zero autograd did not materialise): so are all
         return (None,) * 9
     x, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
@@ -315,3 +324,73 @@ def _gru_backward(ctx, dout, _dsaved):
 
 
 torch.library.register_autograd("rnnlm_ext::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# LSTM (csrc/lstm.h): lstm_forward returns out and c [T,B,H] (every step's h and c) and, when
+# train, gates [T,B,4H] (the activated i, f, g, o, what the backward needs); lstm_backward is
+# the hand-written backward, taking the gradients of out and of c.
+
+
+def lstm_layer(
+    x: Tensor,  # [T,B,I]
+    h0: Tensor,  # [B,H]
+    c0: Tensor,  # [B,H]
+    w_ih: Tensor,  # [4H,I]: rows i, f, g, o
+    w_hh: Tensor,  # [4H,H]
+    bias: Tensor | None = None,  # [4H]: b_ih + b_hh
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM layer, one direction, whole sequence, fused: returns (out, c), both [T,B,H].
+
+    torch.nn.LSTM's cell with its gate order (i, f, g, o); with reverse=True the steps run from
+    the last to the first. The final states are out[-1] and c[-1] (out[0], c[0] when reversed);
+    gradients flow through both. The forward keeps what the backward needs only when a
+    gradient can be asked for (grad mode on and an input requiring grad).
+    """
+    train = _wants_grad(x, h0, c0, w_ih, w_hh, bias)
+    out, c, _ = torch.ops.rnnlm_ext.lstm_forward(x, h0, c0, w_ih, w_hh, bias, reverse, train, _requested_cuda_path())
+    return out, c
+
+
+@torch.library.register_fake("rnnlm_ext::lstm_forward")
+def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, bias, reverse, train, cuda_path="auto"):
+    T, B, _, H = _check_gated_args(4, x, h0, w_ih, w_hh, c0=c0, bias=bias)
+    return x.new_empty((T, B, H)), x.new_empty((T, B, H)), x.new_empty((T, B, 4 * H) if train else (0,))
+
+
+@torch.library.register_fake("rnnlm_ext::lstm_backward")
+def _lstm_backward_fake(dout, dc, x, h0, c0, w_ih, w_hh, out, c, gates, reverse, output_mask, cuda_path="auto"):
+    # dc may be an empty [0] tensor: no gradient reached c
+    dc = None if dc.shape == (0,) else dc
+    _check_gated_args(4, x, h0, w_ih, w_hh, c0=c0, dout=dout, dc=dc, out=out, c=c, gates=gates)
+    G = w_hh.shape[0]
+    return _masked_grads(x, (x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, (G,)), output_mask)
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, bias, reverse, train, cuda_path = inputs
+    out, c, gates = output
+    ctx.mark_non_differentiable(gates)  # the backward's own record, not a result
+    ctx.set_materialize_grads(False)  # an unused c (or gates) then costs no [T,B,·] zero gradient
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, c, gates)
+    ctx.reverse = reverse
+    ctx.train = train
+    ctx.cuda_path = cuda_path
+
+
+def _lstm_backward(ctx, dout, dc, _dgates):
+    _check_gated_backward(ctx, "lstm", "LSTM")
+    if dout is None and dc is None:  # neither result's gradient is defined: no input's is
+        return (None,) * 9
+    x, h0, c0, w_ih, w_hh, out, c, gates = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dc = out.new_empty(0) if dc is None else dc  # the op reads an empty dc as zero
+    mask = list(ctx.needs_input_grad[:6])  # x, h0, c0, w_ih, w_hh, bias
+    grads = torch.ops.rnnlm_ext.lstm_backward(
+        dout, dc, x, h0, c0, w_ih, w_hh, out, c, gates, ctx.reverse, mask, ctx.cuda_path
+    )
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
+
+
+torch.library.register_autograd("rnnlm_ext::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
