@@ -46,7 +46,9 @@ def test_bench_gated_cells_against_torch_nn_and_the_cell_loop(cell, theirs, tmp_
         (cell, benchmark.GATED_ACT, "fwd"),
     ]
     assert set(rows[0].ms) == {"rnnlm_ext", theirs, "python loop"}
-    plain = benchmark.main(["--shapes", "3,2,4", "--nonlinearity", "tanh", "--repeats", "1", "--warmup", "0"])
+    plain = benchmark.main(
+        ["--shapes", "3,2,4", "--nonlinearity", "tanh", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    )
     gates = benchmark.CELLS[cell][3]
     # the floors' ratio is the FLOPs' ratio: G times the Elman cell's, the GEMM rates apart
     ratio = (rows[0].floor_ms / plain[0].floor_ms) / gates
