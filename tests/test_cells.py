@@ -424,3 +424,19 @@ def test_torch_compile_fullgraph_equals_eager(cell):
     params = list(m.parameters())
     for g, e in zip(torch.autograd.grad(comp, params), torch.autograd.grad(eager, params)):
         assert_rel_close(g, e, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bitwise_identical_at_one_and_two_threads(cell, num_threads):
+    """The module adds no thread-dependent step to its ops' thread-count independence: every
+    output and gradient at 2 threads equals, bit for bit, its value at 1 (H = 130 splits the
+    time loop's columns between the threads)."""
+    torch.manual_seed(0)
+    m = CELLS[cell][0](9, 130, num_layers=2, bidirectional=True, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 6, 9, generator=g)
+    hx = make_hx(m, 6, "cpu", torch.float32, g)
+    num_threads(1)
+    one = run(m, x, hx)
+    num_threads(2)
+    compare(run(m, x, hx), one, 0.0)
