@@ -1,13 +1,16 @@
-"""Benchmark of one RNN layer: rnnlm_ext.RNN against torch.nn.RNN and the pure-Python loop.
+"""Benchmark of one recurrent layer: rnnlm_ext.RNN, LSTM or GRU against torch.nn's and the pure-Python loop.
 
 Protocol: correctness is checked before any timing; every implementation is timed
 side by side in one run (these machines are noisy, so only ratios from one run mean much);
 median of repeated runs after warm-up; on the GPU, CUDA events with synchronisation. The
-floor is the time the layer's GEMM FLOPs (6·T·B·H·(I+H) forward+backward, 2·T·B·H·(I+H)
-forward) take at the rate of a large matmul timed in the same run; on the GPU the floor is
-the larger of that and the minimal memory traffic at the bandwidth of a large copy.
+floor is the time the layer's GEMM FLOPs (6·T·B·G·H·(I+H) forward+backward, 2·T·B·G·H·(I+H)
+forward, G gate blocks: 1 Elman, 4 LSTM, 3 GRU) take at the rate of a large matmul timed in
+the same run; on the GPU the floor is the larger of that and the minimal memory traffic at the
+bandwidth of a large copy. The pure-Python loop is the reference's for the Elman cell and a
+loop over nn.LSTMCell / nn.GRUCell for the gated ones.
 
     rnnlm bench                      # CPU table, bench/results/rnn_cpu.{json,png}
+    rnnlm bench --cell lstm          # the same for the LSTM: bench/results/lstm_cpu.{json,png}
     rnnlm bench --device cuda        # the GPU grid, each CUDA path of the fused layer
 """
 
@@ -25,13 +28,21 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rnnlm_ext import RNN, reference
+from rnnlm_ext import GRU, LSTM, RNN, reference
 from rnnlm_ext._files import check_writable
 
 CPU_SHAPES = [(16, 64, 64), (16, 64, 256), (64, 64, 256), (64, 64, 1024), (256, 32, 128), (64, 256, 512)]
 CUDA_T = 128
 CUDA_BATCHES = [1, 8, 32, 64, 256]
 CUDA_HIDDEN = [128, 256, 512, 1024, 2048]
+
+# --cell -> (ours, torch.nn's, the torch.nn cell of the Python loop, gate blocks G)
+CELLS = {
+    "rnn": (RNN, nn.RNN, None, 1),
+    "lstm": (LSTM, nn.LSTM, nn.LSTMCell, 4),
+    "gru": (GRU, nn.GRU, nn.GRUCell, 3),
+}
+GATED_ACT = "sigmoid+tanh"  # what Row.nonlinearity holds for the gated cells
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Row:
     pass_: str  # "fwd+bwd" or "fwd"
     ms: dict[str, float]  # implementation -> median milliseconds
     floor_ms: float
+    cell: str = "rnn"  # rnn, lstm or gru
 
     def ratio(self, slow: str, fast: str) -> float | None:
         return self.ms[slow] / self.ms[fast] if slow in self.ms and fast in self.ms else None
@@ -97,13 +109,16 @@ def copy_gbps(device: str, repeats: int) -> float:
 # the implementations, all holding the same weights
 
 
-def implementations(H: int, nonlinearity: str, device: str, dtype: torch.dtype, python_loop: bool):
-    """rnnlm_ext.RNN, nn.RNN and (python_loop) the reference's loop, by name, all with the same weights."""
-    fused = RNN(H, H, nonlinearity=nonlinearity, device=device, dtype=dtype)
-    torch_rnn = nn.RNN(H, H, nonlinearity=nonlinearity, device=device, dtype=dtype)
-    torch_rnn.load_state_dict(fused.state_dict())
-    impls = {"rnnlm_ext": fused, "nn.RNN": torch_rnn}
-    if python_loop:
+def implementations(H: int, nonlinearity: str, device: str, dtype: torch.dtype, python_loop: bool, cell: str = "rnn"):
+    """Ours, torch.nn's (by its name, e.g. "nn.LSTM") and (python_loop) the pure-Python loop,
+    by name, all with the same weights."""
+    ours_cls, torch_cls, step_cls, _ = CELLS[cell]
+    kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+    fused = ours_cls(H, H, device=device, dtype=dtype, **kwargs)
+    torch_layer = torch_cls(H, H, device=device, dtype=dtype, **kwargs)
+    torch_layer.load_state_dict(fused.state_dict())
+    impls = {"rnnlm_ext": fused, torch_name(cell): torch_layer}
+    if python_loop and cell == "rnn":
 
         def loop(x, h0):
             out = reference.rnn_layer(
@@ -117,7 +132,34 @@ def implementations(H: int, nonlinearity: str, device: str, dtype: torch.dtype, 
             return out, out[-1:]
 
         impls["python loop"] = loop
+    elif python_loop:
+        step = step_cls(H, H, device=device, dtype=dtype)
+        step.load_state_dict({name.removesuffix("_l0"): p for name, p in fused.state_dict().items()})
+
+        def loop(x, hx):  # one torch.nn cell call per step, autograd through every one
+            state = (hx[0][0], hx[1][0]) if cell == "lstm" else hx[0]
+            outs = []
+            for x_t in x:
+                state = step(x_t, state)
+                outs.append(state[0] if cell == "lstm" else state)
+            return torch.stack(outs), state
+
+        impls["python loop"] = loop
     return impls
+
+
+def torch_name(cell: str) -> str:
+    """The name torch.nn's layer goes by in the results: nn.RNN, nn.LSTM, nn.GRU."""
+    return "nn." + CELLS[cell][1].__name__
+
+
+def initial_state(cell: str, h0):
+    """hx for the cell from one [1,B,H] tensor: h0, or (h0, h0/2) as (h_0, c_0) for the LSTM."""
+    return (h0, h0 * 0.5) if cell == "lstm" else h0
+
+
+def cast(hx, dtype: torch.dtype):
+    return tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
 
 
 def run_once(impl, x, h0, dout, backward: bool):
@@ -130,7 +172,7 @@ def run_once(impl, x, h0, dout, backward: bool):
 
 
 def check(expected, impl, x, h0, dout, tol: float, grads: bool, label: str) -> None:
-    """impl's output (and dx, with grads) against expected's (nn.RNN's), before any timing."""
+    """impl's output (and dx, with grads) against expected's (torch.nn's), before any timing."""
     results = []
     for module in (expected, impl):
         xg = x.detach().requires_grad_(grads)
@@ -139,20 +181,23 @@ def check(expected, impl, x, h0, dout, tol: float, grads: bool, label: str) -> N
     for (what, b), (_, a) in zip(*results):
         err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
         if not err <= tol:
-            raise AssertionError(f"{label}: {what} differs from nn.RNN's by {err:.2e} (> {tol:.0e})")
+            raise AssertionError(
+                f"{label}: {what} differs from nn.{type(expected).__name__}'s by {err:.2e} (> {tol:.0e})"
+            )
 
 
-def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_loop, gflops, gbps, paths):
+def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_loop, gflops, gbps, paths, cell="rnn"):
     from rnnlm_ext import ops  # the compiled op, loaded when timing starts (`rnnlm --help` works unbuilt)
 
-    others = implementations(H, nonlinearity, device, dtype, python_loop)
+    reference_name, G = torch_name(cell), CELLS[cell][3]
+    others = implementations(H, nonlinearity, device, dtype, python_loop, cell)
     fused = others.pop("rnnlm_ext")
     # one entry per CUDA path of the fused layer (only "rnnlm_ext" on the CPU), then the others
     impls = {f"rnnlm_ext[{path}]" if path else "rnnlm_ext": fused for path in paths}
     impls.update(others)
     g = torch.Generator().manual_seed(T * B + H)
     x = torch.randn(T, B, H, generator=g).to(device, dtype)
-    h0 = torch.randn(1, B, H, generator=g).to(device, dtype) * 0.5
+    h0 = initial_state(cell, torch.randn(1, B, H, generator=g).to(device, dtype) * 0.5)
     dout = torch.randn(T, B, H, generator=g).to(device, dtype)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
 
@@ -163,24 +208,33 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
         with ops.force_cuda_path(path):
             return fn()
 
-    # Correctness first. In float64 the output and dx must equal nn.RNN's to rounding. In the
+    # Correctness first. In float64 the output and dx must equal torch.nn's to rounding. In the
     # timed dtype only the output is compared: with relu, a unit whose pre-activation rounds to
     # the other side of 0 flips its derivative, so two correct low-precision backwards can
     # differ in dx by O(|w_hh|).
-    exact = implementations(H, nonlinearity, device, torch.float64, python_loop)
+    exact = implementations(H, nonlinearity, device, torch.float64, python_loop, cell)
     for name in impls:
-        label = f"T={T} B={B} H={H} {nonlinearity}: {name}"
+        label = f"T={T} B={B} H={H} {nonlinearity if cell == 'rnn' else cell}: {name}"
         impl64 = exact["rnnlm_ext" if name.startswith("rnnlm_ext") else name]
         under_path(
             name,
             lambda: check(
-                exact["nn.RNN"], impl64, x.double(), h0.double(), dout.double(), 1e-9, True, label + " float64"
+                exact[reference_name],
+                impl64,
+                x.double(),
+                cast(h0, torch.float64),
+                dout.double(),
+                1e-9,
+                True,
+                label + " float64",
             ),
         )
-        under_path(name, lambda: check(impls["nn.RNN"], impls[name], x, h0, dout, tol, False, label + f" {dtype}"))
+        under_path(
+            name, lambda: check(impls[reference_name], impls[name], x, h0, dout, tol, False, label + f" {dtype}")
+        )
 
     rows = []
-    flops_fwd = 2 * T * B * H * (H + H)
+    flops_fwd = 2 * T * B * G * H * (H + H)
     bytes_fwd = T * B * (H + H) * x.element_size()  # read x, write out
     for pass_, backward, flops, nbytes in (
         ("fwd+bwd", True, 3 * flops_fwd, 3 * bytes_fwd),
@@ -192,12 +246,12 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
             ms[name] = under_path(
                 name, lambda: median_ms(lambda: run_once(impl, xg, h0, dout, backward), device, repeats, warmup)
             )
-            for p in list(fused.parameters()) + list(impls["nn.RNN"].parameters()) + [xg]:
+            for p in list(fused.parameters()) + list(impls[reference_name].parameters()) + [xg]:
                 p.grad = None
         floor = flops / (gflops * 1e9) * 1e3
         if gbps:
             floor = max(floor, nbytes / (gbps * 1e9) * 1e3)
-        rows.append(Row(device, str(dtype).replace("torch.", ""), nonlinearity, T, B, H, pass_, ms, floor))
+        rows.append(Row(device, str(dtype).replace("torch.", ""), nonlinearity, T, B, H, pass_, ms, floor, cell))
     return rows
 
 
@@ -206,18 +260,18 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
 
 
 def markdown(rows: list[Row]) -> str:
-    names = list(rows[0].ms)
+    names, theirs = list(rows[0].ms), torch_name(rows[0].cell)
     fused_names = [n for n in names if n.startswith("rnnlm_ext")]
     head = ["act", "pass", "dtype", "T", "B", "H"] + [f"{n} ms" for n in names] + ["floor ms"]
-    head += [f"nn.RNN ÷ {n}" for n in fused_names]
+    head += [f"{theirs} ÷ {n}" for n in fused_names]
     if "python loop" in names:
         head += ["loop ÷ rnnlm_ext"]
     head += [f"{n} ÷ floor" for n in fused_names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.nonlinearity, r.pass_, r.dtype, str(r.T), str(r.B), str(r.H)]
+        cells = [r.nonlinearity if r.cell == "rnn" else r.cell, r.pass_, r.dtype, str(r.T), str(r.B), str(r.H)]
         cells += [f"{r.ms[n]:.3f}" for n in names] + [f"{r.floor_ms:.3f}"]
-        cells += [f"{r.ratio('nn.RNN', n):.2f}x" for n in fused_names]
+        cells += [f"{r.ratio(theirs, n):.2f}x" for n in fused_names]
         if "python loop" in names:
             cells += [f"{r.ratio('python loop', fused_names[0]):.2f}x"]
         cells += [f"{r.ms[n] / r.floor_ms:.2f}" for n in fused_names]
@@ -226,7 +280,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: str) -> bool:
-    """Speed-up over nn.RNN per shape, one panel per (pass, activation, dtype). False, with
+    """Speed-up over torch.nn's layer per shape, one panel per (pass, activation, dtype). False, with
     nothing written, where matplotlib is not installed (the GPU machine may lack it)."""
     try:
         import matplotlib
@@ -237,6 +291,7 @@ def plot(rows: list[Row], path: str) -> bool:
     import matplotlib.pyplot as plt
 
     fused_names = [n for n in rows[0].ms if n.startswith("rnnlm_ext")]
+    theirs = torch_name(rows[0].cell)
     groups = sorted({(r.pass_, r.nonlinearity, r.dtype) for r in rows})
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(8, 0.5 * len(rows)), 3.2 * len(groups)), squeeze=False)
     for ax, (pass_, act, dtype) in zip(axes[:, 0], groups):
@@ -245,11 +300,11 @@ def plot(rows: list[Row], path: str) -> bool:
         width = 0.8 / len(fused_names)
         for i, name in enumerate(fused_names):
             xs = [k + i * width for k in range(len(sel))]
-            ax.bar(xs, [r.ratio("nn.RNN", name) for r in sel], width, label=f"nn.RNN ÷ {name}")
+            ax.bar(xs, [r.ratio(theirs, name) for r in sel], width, label=f"{theirs} ÷ {name}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sel))], labels, fontsize=7)
-        ax.set_ylabel("speed-up over nn.RNN")
-        ax.set_title(f"{pass_}, {act}, {dtype} ({sel[0].device})")
+        ax.set_ylabel(f"speed-up over {theirs}")
+        ax.set_title(f"{pass_}, {act if sel[0].cell == 'rnn' else sel[0].cell}, {dtype} ({sel[0].device})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -270,6 +325,7 @@ def parse_shapes(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's flags, on its own parser or on `rnnlm bench`."""
     cpu_grid = ";".join(",".join(map(str, shape)) for shape in CPU_SHAPES)
+    p.add_argument("--cell", choices=list(CELLS), default="rnn", help="the layer: Elman RNN, LSTM or GRU")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the layers run")
     p.add_argument(
         "--shapes",
@@ -281,7 +337,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--nonlinearity",
         choices=[*reference.NONLINEARITIES, "both"],
         default=None,
-        help="unset: both on the CPU, tanh on the GPU",
+        help="the Elman cell's activation (cell rnn); unset: both on the CPU, tanh on the GPU",
     )
     p.add_argument(
         "--dtypes",
@@ -312,6 +368,11 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device cuda: torch sees no CUDA device here")
     cuda = args.device == "cuda"
+    gated = args.cell != "rnn"
+    if gated and args.nonlinearity is not None:
+        error(f"--nonlinearity is the Elman cell's (--cell rnn); --cell {args.cell} has its own gates")
+    if gated and cuda:
+        error(f"--cell {args.cell} --device cuda: the fused LSTM and GRU have CPU kernels only so far")
     allowed = ["float32", "float64"] + (["bfloat16", "float16"] if cuda else [])
     names = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
     if not names or any(n not in allowed for n in names):
@@ -324,6 +385,8 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
     shapes = args.shapes or ([(CUDA_T, b, h) for h in CUDA_HIDDEN for b in CUDA_BATCHES] if cuda else CPU_SHAPES)
     every = list(reference.NONLINEARITIES)
     acts = {"both": every, None: ["tanh"] if cuda else every}.get(args.nonlinearity, [args.nonlinearity])
+    if gated:
+        acts = [GATED_ACT]
     dtypes = [getattr(torch, n) for n in names]
     python_loop = not args.no_python_loop and not cuda
 
@@ -341,7 +404,19 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
                 if cuda:
                     paths = [pth for pth in ops.CUDA_PATHS if ops.cuda_path(B, H, dtype, pth) == pth]
                 rows += bench_shape(
-                    T, B, H, act, args.device, dtype, args.repeats, args.warmup, python_loop, gflops, gbps, paths
+                    T,
+                    B,
+                    H,
+                    act,
+                    args.device,
+                    dtype,
+                    args.repeats,
+                    args.warmup,
+                    python_loop,
+                    gflops,
+                    gbps,
+                    paths,
+                    args.cell,
                 )
                 last = rows[-2:]
                 print(
@@ -356,7 +431,7 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
     table = markdown(rows)
     print()
     print(table)
-    stem = os.path.join(args.out, f"rnn_{args.device}")
+    stem = os.path.join(args.out, f"{args.cell}_{args.device}")
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,

@@ -34,9 +34,7 @@ except ImportError as err:  # the package was not built: stay usable, loudly
 
 _layer = _ops.rnn_layer if _ops else reference.rnn_layer
 _gru_layer = _ops.gru_layer if _ops else reference.gru_layer
-# the fused LSTM op is being written on its own branch (issue 12); until it is merged the
-# module runs the reference loop, to the op's contract
-_lstm_layer = getattr(_ops, "lstm_layer", reference.lstm_layer)
+_lstm_layer = _ops.lstm_layer if _ops else reference.lstm_layer
 
 # impl -> the function that runs one Elman layer in one direction
 LAYER_IMPLS = {"fused": _layer, "reference": reference.rnn_layer}

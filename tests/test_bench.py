@@ -35,6 +35,36 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     ) in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cell,theirs", [("lstm", "nn.LSTM"), ("gru", "nn.GRU")])
+def test_bench_gated_cells_against_torch_nn_and_the_cell_loop(cell, theirs, tmp_path, capsys):
+    """--cell lstm|gru: the same protocol against nn.LSTM / nn.GRU and a loop over their
+    *Cell; the floor counts G = 4 / 3 gate blocks; results in <cell>_cpu.{json,png}."""
+    argv = ["--cell", cell, "--shapes", "3,2,4", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    rows = benchmark.main(argv)
+    assert [(r.cell, r.nonlinearity, r.pass_) for r in rows] == [
+        (cell, benchmark.GATED_ACT, "fwd+bwd"),
+        (cell, benchmark.GATED_ACT, "fwd"),
+    ]
+    assert set(rows[0].ms) == {"rnnlm_ext", theirs, "python loop"}
+    plain = benchmark.main(
+        ["--shapes", "3,2,4", "--nonlinearity", "tanh", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    )
+    gates = benchmark.CELLS[cell][3]
+    # the floors' ratio is the FLOPs' ratio: G times the Elman cell's, the GEMM rates apart
+    ratio = (rows[0].floor_ms / plain[0].floor_ms) / gates
+    assert 0.2 < ratio < 5, ratio
+    saved = json.loads((tmp_path / f"{cell}_cpu.json").read_text())
+    assert saved["rows"] == [dataclasses.asdict(r) for r in rows]
+    assert (tmp_path / f"{cell}_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"| {cell} | fwd+bwd | float32 | 3 | 2 | 4 |" in capsys.readouterr().out
+
+
+def test_gated_cells_refuse_the_elman_nonlinearity(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--cell", "gru", "--nonlinearity", "relu"])
+    assert exit_.value.code == 2 and "--nonlinearity is the Elman cell's" in capsys.readouterr().err
+
+
 def test_check_refuses_an_implementation_that_disagrees():
     torch.manual_seed(0)
     theirs, ours = nn.RNN(4, 5, dtype=torch.float64), RNN(4, 5, dtype=torch.float64)  # different weights

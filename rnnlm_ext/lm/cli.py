@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     _, generate_flags = _generate_parser(sub)
     bench_parser = sub.add_parser(
         "bench",
-        help="benchmark the fused layer against nn.RNN",
+        help="benchmark a fused layer (--cell rnn, lstm or gru) against torch.nn's",
         description=benchmark.__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
