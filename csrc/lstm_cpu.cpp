@@ -53,12 +53,13 @@ RNNLM_EXT_VECTOR_CLONES void scale_row(scalar_t* __restrict__ h, const scalar_t*
 }
 
 // One batch row of a step, over m hidden units. On entry a_i … a_o hold x·w_ihᵀ + bias and gh
-// [4m] holds h_{t-1}·w_hhᵀ (its i | f | g | o parts, m each); on exit a_i … a_o hold the
-// activated gates, c and h the new states.
+// [4m] holds h_{t-1}·w_hhᵀ (its i | f | g | o parts, m each), or gh is nullptr when the step's
+// GEMM has added it already; on exit a_i … a_o hold the activated gates, c and h the new
+// states.
 template <typename scalar_t>
 void gates_forward(scalar_t* a_i, scalar_t* a_f, scalar_t* a_g, scalar_t* a_o, const scalar_t* gh,
                    const scalar_t* c_prev, scalar_t* c, scalar_t* h, int64_t m) {
-  add_gate_rows(a_i, a_f, a_g, a_o, gh, m);
+  if (gh) add_gate_rows(a_i, a_f, a_g, a_o, gh, m);
   cpu::sigmoid_row(a_i, m);
   cpu::sigmoid_row(a_f, m);
   cpu::tanh_row(a_g, static_cast<const scalar_t*>(nullptr), m);
@@ -124,13 +125,18 @@ void lstm_forward_cpu(scalar_t* out, scalar_t* c, scalar_t* gates, scalar_t* wor
     const bool first = s == 0;
     const scalar_t* h_prev = first ? h0 : out + order.prev_time(s) * BH;  // [B,H]
     const scalar_t* c_prev = first ? c0 : c + order.prev_time(s) * BH;    // [B,H]
-    scalar_t* gh = gh_all + B * 4 * u0;  // [B,4m]: this slice's i | f | g | o columns
-    st.gemm(h_prev, H, 0, gh, 4 * m);    // gh = h_prev·w_hh[slice rows]ᵀ
+    // A slice of all H units (H < 2·kMinSplitColumns: one column block, whatever the thread
+    // count) adds h_prev·w_hhᵀ into a in the GEMM; a narrower one's four gate blocks are not
+    // contiguous in a, so its GEMM writes gh [B,4m] (i | f | g | o) and the pass adds it.
+    const bool whole = m == H;
+    scalar_t* gh = whole ? nullptr : gh_all + B * 4 * u0;
+    if (whole) st.gemm(h_prev, H, 1, a + t * B * G, G);
+    else st.gemm(h_prev, H, 0, gh, 4 * m);
     for (int64_t b = 0; b < B; ++b) {
       scalar_t* p = a + (t * B + b) * G + u0;
       const int64_t r = t * BH + b * H + u0;
-      gates_forward(p, p + H, p + 2 * H, p + 3 * H, gh + b * 4 * m, c_prev + b * H + u0, c + r,
-                    out + r, m);
+      gates_forward(p, p + H, p + 2 * H, p + 3 * H, whole ? nullptr : gh + b * 4 * m,
+                    c_prev + b * H + u0, c + r, out + r, m);
     }
   };
   cpu::forward_schedule<cpu::GatedStep<scalar_t>>(T, B, H, project, prepare, step);

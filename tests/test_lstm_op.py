@@ -323,20 +323,24 @@ def test_cpu_kernel_rejects_half():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("T,B,I,H", [(30, 5, 7, 33), (5, 64, 7, 33), (4, 3, 7, 1100)])
-def test_one_and_two_threads_agree_bit_for_bit(dtype, T, B, I, H, num_threads):
-    """As the GRU's: one thread alone; at two, a helper thread beside the loop (H = 33) or the
-    hidden units split between the threads (H = 1100: 560 + 540, each thread its slice of all
-    four gate blocks). Outputs and every gradient must not depend on it, both directions."""
+@pytest.mark.parametrize("T,B,I,H", [(30, 5, 7, 33), (5, 64, 7, 33), (9, 6, 5, 400), (4, 3, 7, 1100)])
+def test_one_two_and_three_threads_agree_bit_for_bit(dtype, T, B, I, H, num_threads):
+    """The schedule (cpu_threads.h) depends on the thread count and the shape: one thread alone;
+    a helper thread beside the loop (H = 33 at two and three threads, H = 400 at two); the
+    hidden units split between the threads, each its slice of all four gate blocks (H = 400
+    at three, H = 1100 at two and three). Outputs and every gradient must not depend on it,
+    both directions."""
     for reverse in (False, True):
         inputs = make_lstm_inputs(T, B, I, H, dtype)
         grads = upstream(T, B, H, dtype, "cpu")
         results = []
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             num_threads(threads)
             results.append(fused(inputs, reverse, *grads))
-        for name, one, two in zip(NAMES, *results):
-            assert torch.equal(one, two), f"reverse={reverse} {name}: max diff {(one - two).abs().max().item():.2e}"
+        for n, other in zip((2, 3), results[1:]):
+            for name, one, two in zip(NAMES, results[0], other):
+                diff = (one - two).abs().max().item()
+                assert torch.equal(one, two), f"reverse={reverse} {name} at {n} threads: max diff {diff:.2e}"
 
 
 @pytest.mark.parametrize("T,B,I,H", [(4, 3, 7, 1100), (30, 5, 7, 33)])
