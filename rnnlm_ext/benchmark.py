@@ -371,8 +371,6 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
     gated = args.cell != "rnn"
     if gated and args.nonlinearity is not None:
         error(f"--nonlinearity is the Elman cell's (--cell rnn); --cell {args.cell} has its own gates")
-    if gated and cuda:
-        error(f"--cell {args.cell} --device cuda: the fused LSTM and GRU have CPU kernels only so far")
     allowed = ["float32", "float64"] + (["bfloat16", "float16"] if cuda else [])
     names = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
     if not names or any(n not in allowed for n in names):
@@ -401,7 +399,9 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
         for act in acts:
             for T, B, H in shapes:
                 paths = [None]
-                if cuda:
+                if cuda and gated:
+                    paths = ["per_step"]  # the LSTM and GRU have no persistent kernel
+                elif cuda:
                     paths = [pth for pth in ops.CUDA_PATHS if ops.cuda_path(B, H, dtype, pth) == pth]
                 rows += bench_shape(
                     T,
