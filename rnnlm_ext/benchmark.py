@@ -97,6 +97,31 @@ def gemm_gflops(device: str, dtype: torch.dtype, repeats: int) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
+def onednn_gflops(dtype: torch.dtype, repeats: int) -> float | None:
+    """The CPU rate of the same matmul on oneDNN, which nn.LSTM's CPU kernel runs on, where
+    torch.mm and our kernels run on the BLAS libtorch exports (MKL). The two differ by CPU:
+    MKL takes slower code paths on non-Intel ones. None where torch has no oneDNN for dtype."""
+    if dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    n = 2048
+    a = torch.randn(n, n).to_mkldnn()
+    b = torch.randn(n, n).to_mkldnn()
+    ms = median_ms(lambda: torch._C._nn.mkldnn_linear(a, b), "cpu", max(5, repeats // 4), 2)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def copy_gbps(device: str, repeats: int) -> float:
     """Bandwidth of a large device-to-device copy (read + write)."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
@@ -262,7 +287,8 @@ def bench_shape(T, B, H, nonlinearity, device, dtype, repeats, warmup, python_lo
 def markdown(rows: list[Row]) -> str:
     names, theirs = list(rows[0].ms), torch_name(rows[0].cell)
     fused_names = [n for n in names if n.startswith("rnnlm_ext")]
-    head = ["act", "pass", "dtype", "T", "B", "H"] + [f"{n} ms" for n in names] + ["floor ms"]
+    first = "act" if rows[0].cell == "rnn" else "cell"
+    head = [first, "pass", "dtype", "T", "B", "H"] + [f"{n} ms" for n in names] + ["floor ms"]
     head += [f"{theirs} ÷ {n}" for n in fused_names]
     if "python loop" in names:
         head += ["loop ÷ rnnlm_ext"]
@@ -389,11 +415,16 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
     python_loop = not args.no_python_loop and not cuda
 
     rows: list[Row] = []
+    rates: dict[str, dict[str, float | None]] = {}
     for dtype in dtypes:
         gflops = gemm_gflops(args.device, dtype, args.repeats)
         gbps = copy_gbps(args.device, args.repeats) if cuda else 0.0
+        onednn = None if cuda else onednn_gflops(dtype, args.repeats)
+        rates[str(dtype)] = {"matmul_gflops": gflops, "onednn_gflops": onednn, "copy_gbps": gbps or None}
         print(
-            f"# {args.device} {dtype}: matmul {gflops:.0f} GFLOP/s" + (f", copy {gbps:.0f} GB/s" if gbps else ""),
+            f"# {args.device} {dtype}: matmul {gflops:.0f} GFLOP/s"
+            + (f" (oneDNN: {onednn:.0f})" if onednn else "")
+            + (f", copy {gbps:.0f} GB/s" if gbps else ""),
             flush=True,
         )
         for act in acts:
@@ -436,7 +467,8 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> list[Row]:
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "machine": torch.cuda.get_device_name() if cuda else cpu_model(),
+        "rates": rates,
         "build_info": ops.build_info(),
         "repeats": args.repeats,
     }

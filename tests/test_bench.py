@@ -27,6 +27,11 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     saved = json.loads((tmp_path / "rnn_cpu.json").read_text())
     assert saved["rows"] == [dataclasses.asdict(r) for r in rows]
     assert saved["meta"]["threads"] == torch.get_num_threads()
+    assert saved["meta"]["machine"]  # the CPU's model name, for reading the numbers later
+    # the GEMM rates of the run: torch.mm's (the floor's), and oneDNN's, which nn.LSTM runs on
+    rates = saved["meta"]["rates"]["torch.float32"]
+    assert rates["matmul_gflops"] > 0
+    assert rates["onednn_gflops"] is None or rates["onednn_gflops"] > 0
     assert (tmp_path / "rnn_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = rows[0]
     assert (
@@ -56,7 +61,9 @@ def test_bench_gated_cells_against_torch_nn_and_the_cell_loop(cell, theirs, tmp_
     saved = json.loads((tmp_path / f"{cell}_cpu.json").read_text())
     assert saved["rows"] == [dataclasses.asdict(r) for r in rows]
     assert (tmp_path / f"{cell}_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"| {cell} | fwd+bwd | float32 | 3 | 2 | 4 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| cell | pass | dtype | T | B | H |" in printed
+    assert f"| {cell} | fwd+bwd | float32 | 3 | 2 | 4 |" in printed
 
 
 def test_gated_cells_refuse_the_elman_nonlinearity(capsys):
