@@ -27,6 +27,7 @@ case "${1:-}" in
 esac
 DEST="${OUT:-$ROOT/bench/results/gpu_check}"
 LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"  # gathered into $DEST at the end
+trap 'rm -rf "$LOGS"' EXIT
 mkdir -p "$DEST"
 BUDGET=$((QUICK ? 300 : 400))
 PY="${PYTHON:-python3}"
@@ -102,11 +103,15 @@ run_stage tests 90 "${PYTEST[@]}" tests/test_cuda.py --junitxml="$LOGS/test_cuda
 run_stage cell_tests 60 "${PYTEST[@]}" tests/test_cuda_cells.py --junitxml="$LOGS/test_cuda_cells.xml" || true
 run_stage op_tests 40 "${PYTEST[@]}" tests/test_op.py tests/test_op_edges.py tests/test_gru_op.py -k cuda || true
 
-# quick: three shapes (small, wide, large batch), 5 repeats; else the full GPU grid
+# quick: three shapes (small, wide, large batch), 5 repeats; else the full GPU grid, 10
+# repeats (a benchmark writes its JSON at the end: one cut off by its timeout returns nothing)
 BENCH=(--device cuda --out "$LOGS")
-if ((QUICK)); then BENCH+=(--shapes "128,8,256;128,64,1024;128,256,512" --repeats 5); fi
+if ((QUICK)); then
+  BENCH+=(--shapes "128,8,256;128,64,1024;128,256,512" --repeats 5)
+else
+  BENCH+=(--repeats 10)
+fi
 run_stage bench 90 "$PY" bench/bench_rnn.py "${BENCH[@]}" || true
-if ((!QUICK)); then BENCH+=(--repeats 10); fi
 run_stage bench_lstm 45 "$PY" bench/bench_rnn.py --cell lstm "${BENCH[@]}" || true
 run_stage bench_gru 45 "$PY" bench/bench_rnn.py --cell gru "${BENCH[@]}" || true
 
