@@ -66,6 +66,30 @@ def assert_rel_close(actual, expected, tol, name="tensor"):
     assert diff <= tol * scale, f"{name}: max abs diff {diff:.3e} > {tol:.0e} x scale {scale:.3g}"
 
 
+def check_stateful_training_matches(fused, ref, vocab, penalty=None):
+    """Three stateful batches of 7 steps through two language models holding the same float64
+    weights (one on our layers, one on torch.nn's), the state carried between batches: each
+    batch's loss (plus penalty(model), if given), the carried state (a tensor, or the LSTM's
+    (h, c)) and every parameter's gradient agree to TOL. The same sums in another order: a few
+    ulp, grown over 7 steps and the layers."""
+    x = torch.randint(0, vocab, (5, 3 * 7 + 1))
+    for i in range(0, 21, 7):
+        losses = []
+        for model in (fused, ref):
+            model.zero_grad()
+            out = model(x[:, i : i + 7])
+            loss = torch.nn.functional.cross_entropy(out.reshape(-1, vocab), x[:, i + 1 : i + 8].reshape(-1))
+            if penalty is not None:
+                loss = loss + penalty(model)
+            loss.backward()
+            losses.append(loss)
+        assert_rel_close(losses[0], losses[1], TOL[torch.float64], f"loss of batch at {i}")
+        for a, b in zip(*(m.h if isinstance(m.h, tuple) else (m.h,) for m in (fused, ref))):
+            assert_rel_close(a, b, TOL[torch.float64], "carried state")
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert_rel_close(p.grad, q.grad, TOL[torch.float64], f"grad of {name}")
+
+
 def make_inputs(T, B, I, H, dtype, device="cpu", bias=True, requires_grad=True, seed=0):
     """x [T,B,I] and h0 [B,H] standard normal; w_ih, w_hh, bias with nn.RNN's initialisation
     U(-1/√H, 1/√H), so that pre-activations stay of order 1 (states neither vanish nor

@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel_close
+from helpers import assert_rel_close, check_stateful_training_matches
 from torch import nn
 
 from rnnlm_ext import ops, reference
@@ -123,19 +123,7 @@ def test_fused_and_nn_rnn_give_the_same_losses_and_gradients(nonlinearity, layer
     fused = models.RNNLM(13, 9, layers, nonlinearity, tie_weights=True).double()
     ref = models.RNNLM(13, 9, layers, nonlinearity, tie_weights=True, layer_cls=nn.RNN).double()
     ref.load_state_dict(fused.state_dict())
-    x = torch.randint(0, 13, (5, 3 * 7 + 1))
-    for i in range(0, 21, 7):  # three stateful batches, the state carried between them
-        losses = []
-        for model in (fused, ref):
-            model.zero_grad()
-            out = model(x[:, i : i + 7])
-            loss = F.cross_entropy(out.reshape(-1, 13), x[:, i + 1 : i + 8].reshape(-1))
-            loss.backward()
-            losses.append(loss)
-        assert_rel_close(losses[0], losses[1], 1e-10, f"loss of batch at {i}")
-        assert_rel_close(fused.h, ref.h, 1e-10, "carried state")
-        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
-            assert_rel_close(p.grad, q.grad, 1e-10, f"grad of {name}")
+    check_stateful_training_matches(fused, ref, 13)
 
 
 def test_shared_weight_cell_is_lmmodel4_with_the_fused_op():
