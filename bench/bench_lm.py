@@ -27,9 +27,6 @@ from rnnlm_ext.lm.train import RUN_FIELDS, TrainConfig, make_optimizer, resolve,
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# fastbook chapter 12 (hidden 64, bs 64, fit_one_cycle): each model's own settings are
-# `rnnlm train --model lmmodelN`'s defaults, the book's (rnnlm_ext.lm.train.MODEL_DEFAULTS).
-# (name, settings, the book's last-epoch valid accuracy, seeds)
 BOOK_RNNLM = dict(hidden_size=64, layers=1, clip=0.0, lr=3e-3)  # LMModel4's setup, on RNNLM
 RECIPE = dict(  # ours: RNNLM on the fused GRU with AWD-LSTM's regularisers, still 15 epochs
     cell="gru",
@@ -45,6 +42,9 @@ RECIPE = dict(  # ours: RNNLM on the fused GRU with AWD-LSTM's regularisers, sti
     clip=0.0,
 )
 SEEDS = (42, 43, 44)
+# fastbook chapter 12 (hidden 64, bs 64, fit_one_cycle): each model's own settings are
+# `rnnlm train --model lmmodelN`'s defaults, the book's (rnnlm_ext.lm.train.MODEL_DEFAULTS).
+# (name, settings, the book's last-epoch valid accuracy, seeds)
 FASTBOOK = [
     ("LMModel1", dict(model="lmmodel1"), 0.494, (42,)),
     ("LMModel2", dict(model="lmmodel2"), 0.470, (42,)),
@@ -104,7 +104,7 @@ def _setup_text(c: dict) -> str:
     """A run's settings in a table cell: 'lstm h64 x2, sl 16, 15 ep, lr 0.01, wd 0.1, dropout 0.4, AR 2, TAR 1'."""
     text = (
         f"{c['cell']} h{c['hidden_size']} x{c['layers']}"
-        if c["model"] in ("rnn", "lmmodel5", "lmmodel6", "lmmodel7")
+        if c["model"] == "rnn" or c["model"] in models.STACK_MODELS
         else f"h{c['hidden_size']}"
     )
     text += f", sl {c['bptt']}, {c['epochs']} ep, lr {c['lr']:g}, wd {c['wd']:g}"
@@ -125,12 +125,13 @@ def _setup_text(c: dict) -> str:
     return text
 
 
-def run_fastbook(results: dict, epochs: int | None = None) -> None:
-    """Every row of FASTBOOK (and `rnnlm train`'s defaults) with its seeds; epochs: all rows cut short (--quick)."""
+def run_fastbook(results: dict, epochs: int | None = None, one_seed: bool = False) -> None:
+    """Every row of FASTBOOK (and `rnnlm train`'s defaults) with its seeds; --quick cuts every
+    row to `epochs` and its first seed."""
     rows = []
     for name, setup, book, seeds in [*FASTBOOK, ("RNNLM, `rnnlm train`'s defaults", {}, None, (42,))]:
         runs = []
-        for seed in seeds:
+        for seed in seeds[:1] if one_seed else seeds:
             cfg = resolve(TrainConfig(**setup, seed=seed, progress=False, **({"epochs": epochs} if epochs else {})))
             t0 = time.perf_counter()
             r = train(cfg, log=quiet)
@@ -349,8 +350,6 @@ def main(argv=None) -> None:
         except (ValueError, FileNotFoundError) as err:
             p.error(f"--shakespeare: {err}")
     if args.quick:
-        global FASTBOOK
-        FASTBOOK = [(name, setup, book, seeds[:1]) for name, setup, book, seeds in FASTBOOK]
         args.repeats, args.shakespeare_epochs = 1, 1
         if "shakespeare" in sections:
             head = os.path.join(args.out, "shakespeare_head.txt")
@@ -359,7 +358,7 @@ def main(argv=None) -> None:
             args.shakespeare = head
     if "fastbook" in sections:
         print("fastbook chapter 12 on Human Numbers, side by side")
-        run_fastbook(results, epochs=1 if args.quick else None)
+        run_fastbook(results, epochs=1 if args.quick else None, one_seed=args.quick)
     if "throughput" in sections:
         print("\ntraining throughput of RNNLM on Human Numbers")
         run_throughput(results, args.repeats, cells, row_tokens=160 if args.quick else None)

@@ -5,19 +5,13 @@ square shape and at the LSTM benchmark's step and projection shapes.
     python3 bench/gemm_rates.py
 """
 
-import time
-
 import torch
+
+from rnnlm_ext.benchmark import median_ms
 
 
 def gflops(fn, flops: float, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return flops / sorted(times)[repeats // 2] / 1e9
+    return flops / (median_ms(fn, "cpu", repeats, 1) * 1e-3) / 1e9
 
 
 def main() -> None:

@@ -58,6 +58,11 @@ class Row:
     floor_ms: float
     cell: str = "rnn"  # rnn, lstm or gru
 
+    @property
+    def layer(self) -> str:
+        """What tables and plots call the row's layer: the Elman cell's activation, else the cell."""
+        return self.nonlinearity if self.cell == "rnn" else self.cell
+
     def ratio(self, slow: str, fast: str) -> float | None:
         return self.ms[slow] / self.ms[fast] if slow in self.ms and fast in self.ms else None
 
@@ -295,7 +300,7 @@ def markdown(rows: list[Row]) -> str:
     head += [f"{n} ÷ floor" for n in fused_names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.nonlinearity if r.cell == "rnn" else r.cell, r.pass_, r.dtype, str(r.T), str(r.B), str(r.H)]
+        cells = [r.layer, r.pass_, r.dtype, str(r.T), str(r.B), str(r.H)]
         cells += [f"{r.ms[n]:.3f}" for n in names] + [f"{r.floor_ms:.3f}"]
         cells += [f"{r.ratio(theirs, n):.2f}x" for n in fused_names]
         if "python loop" in names:
@@ -330,7 +335,7 @@ def plot(rows: list[Row], path: str) -> bool:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sel))], labels, fontsize=7)
         ax.set_ylabel(f"speed-up over {theirs}")
-        ax.set_title(f"{pass_}, {act if sel[0].cell == 'rnn' else sel[0].cell}, {dtype} ({sel[0].device})")
+        ax.set_title(f"{pass_}, {sel[0].layer}, {dtype} ({sel[0].device})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -259,7 +259,8 @@ class RNNLM(_StackState):
     dropout can act between them. dropout: plain dropout on the embeddings, between layers and
     before the output layer. AWD-LSTM's regularisers, each off at 0: embed_drop (whole embedding
     rows), input_drop / hidden_drop / output_drop (VariationalDropout on the embeddings, between
-    layers, on the last layer's output), weight_drop (WeightDrop on every layer's W_hh).
+    layers, on the last layer's output), weight_drop (DropConnect on every layer's W_hh: the
+    layer's own weight_drop, or WeightDrop around a torch.nn layer).
     tie_weights shares the embedding matrix with the output layer (the embedding size is hidden_size).
     """
 
@@ -289,12 +290,13 @@ class RNNLM(_StackState):
                 "weight_drop needs a cell with its own W_hh; the shared cell's is its W_ih", "weight_drop"
             )
         self.i_h = nn.Embedding(vocab_sz, hidden_size)
+        if cell != "shared":
+            layer_cls = layer_cls or layer_class("fused", cell)
         layers = []
         for _ in range(num_layers):
             if cell == "shared":
                 layer = SharedWeightRNN(hidden_size, 1, nonlinearity)
             else:
-                layer_cls = layer_cls or layer_class("fused", cell)
                 layer = _new_layer(layer_cls, cell, hidden_size, hidden_size, 1, nonlinearity, weight_drop)
             layers.append(layer)
         self.rnn = nn.ModuleList(layers)
@@ -321,10 +323,8 @@ class RNNLM(_StackState):
             state = tuple(s[layer : layer + 1] for s in self.h) if self.cell == "lstm" else self.h[layer : layer + 1]
             out, state = module(out, state)  # [T,B,H]; [1,B,H] or (h, c)
             states.append(state)
-        if self.cell == "lstm":
-            self.h = tuple(torch.cat(s).detach() for s in zip(*states))
-        else:  # truncated BPTT: the next batch's gradients stop here
-            self.h = torch.cat(states).detach()
+        # truncated BPTT: the next batch's gradients stop here
+        self.h = _detach(tuple(map(torch.cat, zip(*states))) if self.cell == "lstm" else torch.cat(states))
         self.raw_out = out
         self.out = self.output_drop(self.drop(out))
         return self.h_o(self.out.transpose(0, 1))  # [B,T,V]
