@@ -1,5 +1,5 @@
 // cells_cuda.cu — whole-sequence forward and backward of one LSTM or GRU layer on a CUDA GPU,
-// per step. The launchers' contract: cells_cuda.h; layouts and math: DESIGN.md, gru.h.
+// per step. The launchers' contract: cells_cuda.h; layouts and math: lstm.h, gru.h.
 // Order: the path check, LSTM (pointwise kernels, forward, backward), GRU (the same), the
 // launchers. Steps run in rnn.h's StepOrder, as the Elman kernels (rnn_cuda.cu), whose
 // helpers (errors, dtypes, GEMM, column sums) this shares through cuda_common.h.

@@ -1,6 +1,6 @@
 // cells_cuda.h — the CUDA launchers of the fused LSTM and GRU layers (cells_cuda.cu).
 // Plain CUDA (raw pointers, sizes, a stream and a cuBLAS handle; no torch types), as
-// rnn_cuda.h. Layouts and the math: lstm's in the op schema (ops.cpp) and DESIGN.md, gru.h.
+// rnn_cuda.h. Layouts and the math: lstm.h, gru.h.
 //
 // One implementation of the time loop, per step (rnn_cuda.h's PerStep): the input projection
 // as one cuBLAS GEMM over all T·B rows; per step one GEMM with w_hh and one fused pointwise
@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "gru.h"
+#include "lstm.h"
 #include "rnn_cuda.h"
 
 namespace rnnlm_ext {
@@ -36,16 +38,11 @@ void lstm_forward_cuda(void* out, void* c, void* gates, const void* x, const voi
                        int64_t T, int64_t B, int64_t I, int64_t H, DType dtype, bool reverse,
                        bool train, CudaPath path, cudaStream_t stream, cublasHandle_t handle);
 
-// Elements of the backward's workspace: the gate gradients da [T,B,4H] and the gradients
-// carried to the previous step through h and through c, [B,H] each.
-inline int64_t lstm_backward_cuda_workspace(int64_t T, int64_t B, int64_t H) {
-  return T * B * 4 * H + 2 * B * H;
-}
-
 // dx [T,B,I], dh0, dc0 [B,H], dw_ih [4H,I], dw_hh [4H,H], dbias [4H]: written when not
 // nullptr. dout [T,B,H] (dh_n folded into its last step); dc [T,B,H] the gradient reaching
 // every step's c (dc_n folded in), or nullptr for none. x … w_hh as in the forward, out, c,
-// gates its outputs (train). workspace: lstm_backward_cuda_workspace elements, overwritten.
+// gates its outputs (train). workspace: lstm_backward_workspace_size (lstm.h) elements,
+// overwritten: the gate gradients da [T,B,4H] and the gradients carried through h and c.
 void lstm_backward_cuda(void* dx, void* dh0, void* dc0, void* dw_ih, void* dw_hh, void* dbias,
                         void* workspace, const void* dout, const void* dc, const void* x,
                         const void* h0, const void* c0, const void* w_ih, const void* w_hh,
@@ -57,28 +54,18 @@ void lstm_backward_cuda(void* dx, void* dh0, void* dc0, void* dw_ih, void* dw_hh
 // GRU: layouts as gru.h. x [T,B,I], h0 [B,H], w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H]
 // (both or neither, nullptr).
 
-// Elements of the forward's workspace: the per-step gh [B,3H] and, in inference (no `saved`
-// to hold it), the input projection gi [T,B,3H].
-inline int64_t gru_forward_cuda_workspace(int64_t T, int64_t B, int64_t H, bool train) {
-  return B * 3 * H + (train ? 0 : T * B * 3 * H);
-}
-
 // out [T,B,H] written; saved [T,B,4H] (r | z | n | gh_n) written when not nullptr (train).
-// workspace: gru_forward_cuda_workspace elements, overwritten.
+// workspace: gru_forward_workspace_size (gru.h) elements, overwritten: the per-step gh
+// [B,3H] and, in inference (no `saved` to hold it), the input projection gi [T,B,3H].
 void gru_forward_cuda(void* out, void* saved, void* workspace, const void* x, const void* h0,
                       const void* w_ih, const void* w_hh, const void* b_ih, const void* b_hh,
                       int64_t T, int64_t B, int64_t I, int64_t H, DType dtype, bool reverse,
                       CudaPath path, cudaStream_t stream, cublasHandle_t handle);
 
-// Elements of the backward's workspace: every step's gate gradients [T,B,4H] (dr | dz |
-// dn ⊙ r | dn, as gru.h) and the gradient carried to the previous step [B,H].
-inline int64_t gru_backward_cuda_workspace(int64_t T, int64_t B, int64_t H) {
-  return T * B * 4 * H + B * H;
-}
-
 // dx [T,B,I], dh0 [B,H], dw_ih [3H,I], dw_hh [3H,H], db_ih, db_hh [3H]: written when not
 // nullptr. dout [T,B,H] (dh_n folded into its last step); out, saved the forward's (train).
-// workspace: gru_backward_cuda_workspace elements, overwritten.
+// workspace: gru_backward_workspace_size (gru.h) elements, overwritten: every step's gate
+// gradients [T,B,4H] (dr | dz | dn ⊙ r | dn) and the gradient carried to the previous step.
 void gru_backward_cuda(void* dx, void* dh0, void* dw_ih, void* dw_hh, void* db_ih, void* db_hh,
                        void* workspace, const void* dout, const void* x, const void* h0,
                        const void* w_ih, const void* w_hh, const void* out, const void* saved,

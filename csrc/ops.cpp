@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const BackwardArgs a(dout, x, h0, w_ih, w_hh, out, nonlinearity);
   check_cpu_dtype(x);
   const Dims& d = a.d;
-  Grads grads(d, checked_output_mask<5>(output_mask, kRnnGradNames), x.options());
+  MaskedGrads<5> grads = rnn_grads(d, output_mask, x.options());
   const cpu::Workspace workspace(d.T * d.B * d.H, x.options());
   const at::Tensor dz = workspace.view({d.T, d.B, d.H});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
@@ -101,9 +101,7 @@ gru_backward_cpu_op(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
   const GruBackwardArgs a(dout, x, h0, w_ih, w_hh, out, saved);
   check_cpu_dtype(x);
   const Dims& d = a.d;
-  MaskedGrads<6> grads(
-      {{{d.T, d.B, d.I}, {d.B, d.H}, {3 * d.H, d.I}, {3 * d.H, d.H}, {3 * d.H}, {3 * d.H}}},
-      checked_output_mask<6>(output_mask, kGruGradNames), x.options());
+  MaskedGrads<6> grads = gru_grads(d, output_mask, x.options());
   const cpu::Workspace workspace(gru_backward_workspace_size(d.T, d.B, d.H), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };
@@ -156,9 +154,7 @@ lstm_backward_cpu_op(const at::Tensor& dout, const at::Tensor& dc, const at::Ten
   const LstmBackwardArgs a(dout, dc, x, h0, c0, w_ih, w_hh, out, c, gates);
   check_cpu_dtype(x);
   const Dims& d = a.f.d;
-  MaskedGrads<6> grads(
-      {{{d.T, d.B, d.I}, {d.B, d.H}, {d.B, d.H}, {4 * d.H, d.I}, {4 * d.H, d.H}, {4 * d.H}}},
-      checked_output_mask<6>(output_mask, kLstmGradNames), x.options());
+  MaskedGrads<6> grads = lstm_grads(d, output_mask, x.options());
   const cpu::Workspace workspace(lstm_backward_workspace_size(d.T, d.B, d.H), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward_cpu", [&] {
     auto ptr = [&](size_t i) { return static_cast<scalar_t*>(grads.ptr(i)); };

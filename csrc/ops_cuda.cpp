@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const CudaPath path = parse_path(cuda_path);
   const DType dtype = to_dtype(x.scalar_type());
   const Dims& d = a.d;
-  Grads grads(d, checked_output_mask<5>(output_mask, kRnnGradNames), x.options());
+  MaskedGrads<5> grads = rnn_grads(d, output_mask, x.options());
   at::Tensor dz = at::empty({d.T, d.B, d.H}, x.options());  // workspace
   rnn_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
                     dz.data_ptr(), a.dout.const_data_ptr(), a.x.const_data_ptr(),
@@ -117,10 +117,8 @@ lstm_backward_cuda_op(const at::Tensor& dout, const at::Tensor& dc, const at::Te
   const CudaPath path = parse_path(cuda_path);
   const DType dtype = to_dtype(x.scalar_type());
   const Dims& d = a.f.d;
-  MaskedGrads<6> grads(
-      {{{d.T, d.B, d.I}, {d.B, d.H}, {d.B, d.H}, {4 * d.H, d.I}, {4 * d.H, d.H}, {4 * d.H}}},
-      checked_output_mask<6>(output_mask, kLstmGradNames), x.options());
-  at::Tensor workspace = at::empty({lstm_backward_cuda_workspace(d.T, d.B, d.H)}, x.options());
+  MaskedGrads<6> grads = lstm_grads(d, output_mask, x.options());
+  at::Tensor workspace = at::empty({lstm_backward_workspace_size(d.T, d.B, d.H)}, x.options());
   lstm_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
                      grads.ptr(5), workspace.data_ptr(), a.dout.const_data_ptr(),
                      a.dc.defined() ? a.dc.const_data_ptr() : nullptr, a.f.x.const_data_ptr(),
@@ -145,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_cuda_op(
   at::Tensor out = at::empty({d.T, d.B, d.H}, x.options());
   at::Tensor saved =
       train ? at::empty({d.T, d.B, 4 * d.H}, x.options()) : at::empty({0}, x.options());
-  at::Tensor workspace = at::empty({gru_forward_cuda_workspace(d.T, d.B, d.H, train)}, x.options());
+  at::Tensor workspace = at::empty({gru_forward_workspace_size(d.T, d.B, d.H, train)}, x.options());
   auto in = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
   gru_forward_cuda(out.data_ptr(), train ? saved.data_ptr() : nullptr, workspace.data_ptr(),
                    in(a.x), in(a.h0), in(a.w_ih), in(a.w_hh), in(a.b_ih), in(a.b_hh), d.T, d.B, d.I,
@@ -166,10 +164,8 @@ gru_backward_cuda_op(const at::Tensor& dout, const at::Tensor& x, const at::Tens
   const CudaPath path = parse_path(cuda_path);
   const DType dtype = to_dtype(x.scalar_type());
   const Dims& d = a.d;
-  MaskedGrads<6> grads(
-      {{{d.T, d.B, d.I}, {d.B, d.H}, {3 * d.H, d.I}, {3 * d.H, d.H}, {3 * d.H}, {3 * d.H}}},
-      checked_output_mask<6>(output_mask, kGruGradNames), x.options());
-  at::Tensor workspace = at::empty({gru_backward_cuda_workspace(d.T, d.B, d.H)}, x.options());
+  MaskedGrads<6> grads = gru_grads(d, output_mask, x.options());
+  at::Tensor workspace = at::empty({gru_backward_workspace_size(d.T, d.B, d.H)}, x.options());
   gru_backward_cuda(grads.ptr(0), grads.ptr(1), grads.ptr(2), grads.ptr(3), grads.ptr(4),
                     grads.ptr(5), workspace.data_ptr(), a.dout.const_data_ptr(),
                     a.x.const_data_ptr(), a.h0.const_data_ptr(), a.w_ih.const_data_ptr(),
@@ -179,9 +175,9 @@ gru_backward_cuda_op(const at::Tensor& dout, const at::Tensor& x, const at::Tens
   return grads.tuple();
 }
 
-// Which implementation the ops run on the current device for batch B, H hidden units and
-// dtype when `path` is requested: 0 per-step, 1 persistent, -1 where the persistent path is
-// requested but cannot run (the ops raise).
+// Which implementation the Elman ops run on the current device for batch B, H hidden units
+// and dtype when `path` is requested (the LSTM and GRU ops always run per-step): 0 per-step, 1
+// persistent, -1 where the persistent path is requested but cannot run (the ops raise).
 int64_t cuda_path_op(int64_t B, int64_t H, at::ScalarType dtype, c10::string_view path) {
   TORCH_CHECK(B >= 1 && H >= 1, "rnnlm_ext: B and H must be >= 1, got B=", B, ", H=", H);
   const CudaPath request = parse_path(path);

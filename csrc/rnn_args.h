@@ -141,28 +141,8 @@ std::array<bool, N> checked_output_mask(const c10::List<bool>& output_mask, cons
   return wanted;
 }
 
-// The backward op's gradients, in its output order (dx, dh0, dw_ih, dw_hh, db): each one
-// allocated where output_mask asks for it, an empty [0] tensor otherwise.
-struct Grads {
-  std::array<at::Tensor, 5> t;
-  std::array<bool, 5> wanted;
-
-  Grads(const Dims& d, std::array<bool, 5> output_mask, const at::TensorOptions& options)
-      : wanted(output_mask) {
-    const std::array<std::vector<int64_t>, 5> shapes = {
-        {{d.T, d.B, d.I}, {d.B, d.H}, {d.H, d.I}, {d.H, d.H}, {d.H}}};
-    for (size_t i = 0; i < 5; ++i)
-      t[i] = at::empty(wanted[i] ? at::IntArrayRef(shapes[i]) : at::IntArrayRef{0}, options);
-  }
-  // where the kernel writes gradient i, nullptr for one not asked for
-  void* ptr(size_t i) { return wanted[i] ? t[i].data_ptr() : nullptr; }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
-    return {t[0], t[1], t[2], t[3], t[4]};
-  }
-};
-
 // A backward op's N gradients in its output order, each of its shape where output_mask asks
-// for it, an empty [0] tensor otherwise (Grads is the Elman op's five).
+// for it, an empty [0] tensor otherwise.
 template <size_t N>
 struct MaskedGrads {
   std::array<at::Tensor, N> t;
@@ -180,6 +160,26 @@ struct MaskedGrads {
     return std::apply([](const auto&... g) { return std::make_tuple(g...); }, t);
   }
 };
+
+// Each backward op's gradients (CPU and CUDA alike), from its dims and its output_mask,
+// whose length is checked here.
+inline MaskedGrads<5> rnn_grads(const Dims& d, const c10::List<bool>& output_mask,
+                                const at::TensorOptions& options) {
+  return MaskedGrads<5>({{{d.T, d.B, d.I}, {d.B, d.H}, {d.H, d.I}, {d.H, d.H}, {d.H}}},
+                        checked_output_mask<5>(output_mask, kRnnGradNames), options);
+}
+inline MaskedGrads<6> gru_grads(const Dims& d, const c10::List<bool>& output_mask,
+                                const at::TensorOptions& options) {
+  const int64_t G = 3 * d.H;
+  return MaskedGrads<6>({{{d.T, d.B, d.I}, {d.B, d.H}, {G, d.I}, {G, d.H}, {G}, {G}}},
+                        checked_output_mask<6>(output_mask, kGruGradNames), options);
+}
+inline MaskedGrads<6> lstm_grads(const Dims& d, const c10::List<bool>& output_mask,
+                                 const at::TensorOptions& options) {
+  const int64_t G = 4 * d.H;
+  return MaskedGrads<6>({{{d.T, d.B, d.I}, {d.B, d.H}, {d.B, d.H}, {G, d.I}, {G, d.H}, {G}}},
+                        checked_output_mask<6>(output_mask, kLstmGradNames), options);
+}
 
 // ----------------------------------------------------------------------------------------
 // Gated cells: the weights stack `gates` blocks of H rows (LSTM 4, GRU 3).

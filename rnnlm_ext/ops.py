@@ -186,8 +186,9 @@ def _requested_cuda_path() -> str:
 
 
 def cuda_path(B: int, H: int, dtype: torch.dtype = torch.float32, path: str | None = None) -> str | None:
-    """Which CUDA implementation a layer with batch B and H hidden units of `dtype` runs on the
-    current GPU: "persistent" or "per_step" (T does not matter).
+    """Which CUDA implementation an Elman layer (RNN) with batch B and H hidden units of `dtype`
+    runs on the current GPU: "persistent" or "per_step" (T does not matter). The LSTM and GRU
+    have only "per_step"; asking them for "persistent" raises.
 
     path: what is asked for ("auto", "persistent", "per_step"); None takes the one in effect
     (force_cuda_path, else RNNLM_EXT_CUDA_PATH). Returns None where "persistent" is asked for
